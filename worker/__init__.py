@@ -1,0 +1,3 @@
+"""Kafka-to-Customer.io activation worker."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,148 @@
+"""Per-partition batches, sealed by entry count, request bytes or linger time.
+
+Pure bookkeeping, no I/O: the consumer loop adds items in offset order and asks
+for batches to send. A batch covers a contiguous run of offsets and holds both
+entries to send and records already rejected (undecodable or invalid), so that
+when the batch completes, every offset up to its last is settled and may be
+committed. At most one batch per partition is in flight, which keeps order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.rejects import Reject
+
+# Bytes of '{"batch":[' and ']}' around the comma-joined entries.
+BODY_OVERHEAD_BYTES = len(b'{"batch":[') + len(b"]}")
+
+
+@dataclass(slots=True)
+class Item:
+    """One consumed record: its serialized entry, or why it was rejected."""
+
+    offset: int
+    message: Any  # confluent_kafka.Message: original key, value and headers
+    entry: bytes | None = None
+    reject: Reject | None = None
+
+    @property
+    def size(self) -> int:
+        value = self.message.value()
+        return len(self.entry or b"") + (len(value) if value else 0)
+
+
+@dataclass(slots=True)
+class Batch:
+    """A contiguous run of one partition's items, sent as one request."""
+
+    topic: str
+    partition: int
+    created_at: float
+    items: list[Item] = field(default_factory=list)
+    entry_count: int = 0
+    body_bytes: int = BODY_OVERHEAD_BYTES
+    buffered_bytes: int = 0
+
+    @property
+    def first_offset(self) -> int:
+        return self.items[0].offset
+
+    @property
+    def last_offset(self) -> int:
+        return self.items[-1].offset
+
+    def body(self) -> bytes:
+        """The request body: every entry in offset order."""
+        return b'{"batch":[' + b",".join(self.entries()) + b"]}"
+
+    def entries(self) -> list[bytes]:
+        return [item.entry for item in self.items if item.entry is not None]
+
+    def entry_items(self) -> list[Item]:
+        """The items that carry an entry, in the order they appear in the body."""
+        return [item for item in self.items if item.entry is not None]
+
+    def fits(self, entry: bytes | None, max_entries: int, max_bytes: int) -> bool:
+        if entry is None or self.entry_count == 0:
+            return True
+        added = len(entry) + 1  # the comma before it
+        return self.entry_count < max_entries and self.body_bytes + added < max_bytes
+
+    def add(self, item: Item) -> None:
+        self.items.append(item)
+        self.buffered_bytes += item.size
+        if item.entry is not None:
+            self.body_bytes += len(item.entry) + (1 if self.entry_count else 0)
+            self.entry_count += 1
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    max_entries: int
+    max_request_bytes: int
+    linger_s: float
+
+
+class PartitionBuffer:
+    """The open batch, the sealed ones waiting, and the one in flight."""
+
+    def __init__(self, topic: str, partition: int, limits: BatchLimits) -> None:
+        self.topic = topic
+        self.partition = partition
+        self._limits = limits
+        self._open: Batch | None = None
+        self._sealed: deque[Batch] = deque()
+        self.in_flight: Batch | None = None
+        self.buffered_bytes = 0
+
+    def add(self, item: Item, now: float) -> None:
+        """Append an item, sealing the open batch first if it would overflow."""
+        limits = self._limits
+        if self._open is not None and not self._open.fits(
+            item.entry, limits.max_entries, limits.max_request_bytes
+        ):
+            self._seal()
+        if self._open is None:
+            self._open = Batch(self.topic, self.partition, created_at=now)
+        self._open.add(item)
+        self.buffered_bytes += item.size
+        if self._open.entry_count >= limits.max_entries:
+            self._seal()
+
+    def seal_if_due(self, now: float, force: bool = False) -> None:
+        """Seal the open batch once it has lingered long enough (or if forced)."""
+        if self._open is None:
+            return
+        if force or now - self._open.created_at >= self._limits.linger_s:
+            self._seal()
+
+    def take_next(self) -> Batch | None:
+        """Move the oldest sealed batch in flight, unless one already is."""
+        if self.in_flight is not None or not self._sealed:
+            return None
+        self.in_flight = self._sealed.popleft()
+        return self.in_flight
+
+    def complete(self, batch: Batch) -> None:
+        """Forget the in-flight batch once its outcome is settled."""
+        assert batch is self.in_flight
+        self.in_flight = None
+        self.buffered_bytes -= batch.buffered_bytes
+
+    def is_idle(self) -> bool:
+        """True when nothing is open, waiting or in flight."""
+        return self._open is None and not self._sealed and self.in_flight is None
+
+    def next_deadline(self) -> float | None:
+        """When the open batch's linger ends, if there is one."""
+        if self._open is None:
+            return None
+        return self._open.created_at + self._limits.linger_s
+
+    def _seal(self) -> None:
+        if self._open is not None and self._open.items:
+            self._sealed.append(self._open)
+        self._open = None
