@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.rejects import Reject
+from worker.state import StateUpdate
 
 # Bytes of '{"batch":[' and ']}' around the comma-joined entries.
 BODY_OVERHEAD_BYTES = len(b'{"batch":[') + len(b"]}")
@@ -21,12 +22,16 @@ BODY_OVERHEAD_BYTES = len(b'{"batch":[') + len(b"]}")
 
 @dataclass(slots=True)
 class Item:
-    """One consumed record: its serialized entry, or why it was rejected."""
+    """One consumed record: its serialized entry, why it was rejected, or that it
+    needs no request (skipped); plus the state update its delivery implies."""
 
     offset: int
     message: Any  # confluent_kafka.Message: original key, value and headers
     entry: bytes | None = None
     reject: Reject | None = None
+    skipped: bool = False  # nothing to send: a duplicate, or ignored by policy
+    state_update: StateUpdate | None = None
+    state_partition: int = -1
 
     @property
     def size(self) -> int:

@@ -6,8 +6,8 @@ alone. Everything else (connection errors, timeouts, 408, 429, 5xx, 401, 403)
 is retried with exponential backoff and jitter until it works or the worker
 shuts down, so an outage pauses delivery and never turns good records into dead
 letters. A whole-request 400 or 413 for several entries is bisected, and so is a
-207 whose errors name no entry; re-sending is harmless because identify is
-idempotent and every event carries an id.
+207 whose errors name no entry or one outside the request; re-sending is
+harmless because identify is idempotent and every event carries an id.
 """
 
 from __future__ import annotations
@@ -83,10 +83,14 @@ class Deliverer:
         self, entries: list[bytes], base: int, outcome: Outcome, context: dict[str, Any]
     ) -> None:
         response = self._post(entries, outcome, context)
-        if response.status in (200, 207) and not response.unattributed_errors:
+        misplaced = any(not 0 <= i < len(entries) for i in response.errors)
+        if (
+            response.status in (200, 207)
+            and not response.unattributed_errors
+            and not misplaced
+        ):
             for index, error in response.errors.items():
-                if 0 <= index < len(entries):
-                    outcome.rejected[base + index] = _rejection(error)
+                outcome.rejected[base + index] = _rejection(error)
             return
 
         if len(entries) == 1:

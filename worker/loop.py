@@ -1,17 +1,23 @@
-"""The consumer group loop: poll, batch, send, settle, commit, shut down.
+"""The consumer loop: poll, dedupe, batch, send, settle, commit, shut down.
 
-One thread owns the consumer and the dead-letter producer. Batches are sent
+One thread owns the consumer and the transactional producer. Batches are sent
 from a small thread pool; their outcomes come back to the owning thread, which
-alone writes dead letters and commits. At most one batch per partition is in
-flight, so records of one partition reach the API in offset order.
+alone writes dead letters, state updates and offsets, in one transaction per
+settle step (see ``committer``). At most one batch per partition is in flight,
+so records of one partition reach the API in offset order.
 
-Offsets move only after delivery: a batch is *settled* when the API accepted
-its entries and every rejected record of it is confirmed on the dead-letter
-topic; only then is the offset after its last record committed.
+The loop reads one of three sources:
+
+- the consumer group on the person and event topics (``run``), committing its
+  offsets, optionally until the end offsets seen at start (``--until-caught-up``);
+- fixed offset ranges of input partitions (``replay``), without a group commit;
+- ranges of the dead-letter topic (``dlq redrive``), each record re-processed
+  under its original coordinates.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -28,14 +34,18 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
-from worker.avro import AvroDecoder, load_schema
-from worker.batcher import Batch, BatchLimits, PartitionBuffer
+from worker.batcher import Batch, BatchLimits, Item, PartitionBuffer
+from worker.committer import Committer, DeadLetter
 from worker.delivery import AbandonedError, Deliverer, Outcome
-from worker.errors import ConfigError, TransientError, WorkerError
-from worker.pipeline import Kind, TopicRoute, to_item
+from worker.errors import ConfigError, WorkerError
+from worker.mapping import serialize
+from worker.pipeline import build_routes, to_item
 from worker.rejects import Reject, reject_headers
 from worker.settings import Settings, kafka_client_config
+from worker.state import EventDedupe, PartitionState, PersonDedupe, StateUpdate
+from worker.statestore import ensure_state_topic, restore
 from worker.track import TrackClient
 
 log = structlog.get_logger(__name__)
@@ -44,9 +54,9 @@ POLL_TIMEOUT_S = 0.05
 # Messages taken from librdkafka per call: large enough to amortise the call,
 # small enough that lingering batches are looked at every few milliseconds.
 CONSUME_BATCH = 1000
-DEAD_LETTER_FLUSH_TIMEOUT_S = 30.0
 SHUTDOWN_DEADLINE_S = 30.0
 METADATA_TIMEOUT_S = 10.0
+EXPIRY_INTERVAL_S = 60.0
 
 TP = tuple[str, int]
 
@@ -55,6 +65,7 @@ TP = tuple[str, int]
 class Counters:
     consumed: int = 0
     delivered: int = 0
+    skipped: int = 0
     rejected: int = 0
     batches: int = 0
     requests: int = 0
@@ -64,6 +75,7 @@ class Counters:
         return {
             "consumed": self.consumed,
             "delivered": self.delivered,
+            "skipped": self.skipped,
             "rejected": self.rejected,
             "batches": self.batches,
             "requests": self.requests,
@@ -71,31 +83,45 @@ class Counters:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Ranges:
+    """Offset ranges to read instead of the group: ``[start, end)`` per partition.
+
+    ``wrap`` turns a consumed message into the record to process (dead-letter
+    redrive restores the original coordinates); ``keep`` filters records.
+    """
+
+    offsets: dict[TP, tuple[int, int]]
+    wrap: Callable[[Any], Any] | None = None
+    keep: Callable[[Any], bool] | None = None
+
+
 class Worker:
-    """Delivers the person and event topics to the Track API until stopped."""
+    """Delivers person and event records to the Track API until stopped."""
 
     def __init__(
         self,
         settings: Settings,
         *,
         until_caught_up: bool = False,
+        ranges: Ranges | None = None,
+        ignore_state: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         site_id, api_key = settings.require_credentials()
         self.settings = settings
-        self.until_caught_up = until_caught_up
+        self.until_caught_up = until_caught_up or ranges is not None
         self.counters = Counters()
+        self._ranges = ranges
+        self._ignore_state = ignore_state
         self._clock = clock
+        self._wall_clock = wall_clock
         self._stop_requested = threading.Event()
         self._abandon = threading.Event()
-        self._routes = {
-            settings.kafka.person_topic: TopicRoute(
-                Kind.PERSON, AvroDecoder(load_schema(settings.schemas.person))
-            ),
-            settings.kafka.event_topic: TopicRoute(
-                Kind.EVENT, AvroDecoder(load_schema(settings.schemas.event))
-            ),
-        }
+        self._routes = build_routes(settings)
+        self._person_dedupe = PersonDedupe(settings.state.person_dedupe)
+        self._event_dedupe = EventDedupe(settings.state.event_dedupe)
         self._limits = BatchLimits(
             settings.batch.max_entries,
             settings.batch.max_request_bytes,
@@ -121,10 +147,13 @@ class Worker:
         self._paused: set[TP] = set()
         self._revoking: set[TP] = set()
         self._eof: dict[TP, int] = {}
-        self._end_at_start: dict[TP, int] = {}
-        self._dead_letter_errors: list[str] = []
+        self._end: dict[TP, int] = {}
+        self._states: dict[int, PartitionState] = {}
+        self._state_users: dict[int, set[TP]] = {}
+        self._pending_state: list[tuple[int, StateUpdate]] = []
+        self._next_expiry = 0.0
         self._consumer: Consumer | None = None
-        self._producer: Producer | None = None
+        self._committer: Committer | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -140,9 +169,9 @@ class Worker:
         """Run until stopped (or caught up); return what was done."""
         started = self._clock()
         self._connect()
-        assert self._consumer is not None
         log.info(
             "worker_started",
+            source="ranges" if self._ranges else "group",
             until_caught_up=self.until_caught_up,
             settings=self.settings.redacted(),
         )
@@ -162,24 +191,55 @@ class Worker:
         return self.counters
 
     def _connect(self) -> None:
-        kafka = self.settings.kafka
-        self._producer = Producer(kafka_client_config(self.settings, "producer"))
-        consumer = Consumer(kafka_client_config(self.settings, "consumer"))
-        self._check_topics(consumer)
-        consumer.subscribe(
-            [kafka.person_topic, kafka.event_topic],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
+        settings = self.settings
+        kafka = settings.kafka
+        consumer = Consumer(kafka_client_config(settings, "consumer"))
+        try:
+            partitions = self._check_topics(consumer)
+            admin = AdminClient(kafka_client_config(settings, "admin"))
+            ensure_state_topic(admin, settings.state_topic, partitions)
+        except Exception:
+            consumer.close()
+            raise
+        producer = Producer(
+            kafka_client_config(settings, "producer", self._transactional_id())
         )
+        self._committer = Committer(
+            producer, kafka.dead_letter_topic, settings.state_topic
+        )
+        self._committer.start()
         self._consumer = consumer
+        if self._ranges is None:
+            consumer.subscribe(
+                [kafka.person_topic, kafka.event_topic],
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+            return
+        starts = [
+            TopicPartition(t, p, o) for (t, p), (o, _) in self._ranges.offsets.items()
+        ]
+        self._end = {tp: end for tp, (_, end) in self._ranges.offsets.items()}
+        self._on_assign(consumer, starts)
+        consumer.assign(starts)
 
-    def _check_topics(self, consumer: Consumer) -> None:
+    def _transactional_id(self) -> str:
+        import os
+        import socket
+
+        prefix = self.settings.state.transactional_id or (
+            f"{self.settings.kafka.group_id}-{socket.gethostname()}"
+        )
+        role = "range" if self._ranges else "group"
+        return f"{prefix}-{role}-{os.getpid()}"
+
+    def _check_topics(self, consumer: Consumer) -> int:
+        """Check every topic exists; return the widest input topic's partitions."""
         kafka = self.settings.kafka
         try:
             metadata = consumer.list_topics(timeout=METADATA_TIMEOUT_S)
         except KafkaException as exc:
-            consumer.close()
             raise ConfigError(
                 f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc.args[0]}; "
                 "check CIO_KAFKA__BOOTSTRAP_SERVERS and the security properties"
@@ -187,31 +247,36 @@ class Worker:
         wanted = [kafka.person_topic, kafka.event_topic, kafka.dead_letter_topic]
         missing = [t for t in wanted if t not in metadata.topics]
         if missing:
-            consumer.close()
             raise ConfigError(
                 f"topics missing on {kafka.bootstrap_servers}: {', '.join(missing)}; "
                 "create them or set CIO_KAFKA__PERSON_TOPIC / EVENT_TOPIC / "
                 "DEAD_LETTER_TOPIC"
             )
+        return max(
+            len(metadata.topics[t].partitions)
+            for t in (kafka.person_topic, kafka.event_topic)
+        )
 
     def _shutdown(self) -> None:
         """Settle what is in flight within the deadline, commit it, close."""
         log.info("worker_stopping", in_flight=len(self._in_flight))
         deadline = self._clock() + SHUTDOWN_DEADLINE_S
-        while self._in_flight and self._clock() < deadline:
-            self._settle_done(wait_s=0.1)
-        if self._in_flight:
-            log.warning("batches_abandoned", count=len(self._in_flight))
-        self._abandon.set()
-        self._settle_done(wait_s=0)
-        if self.until_caught_up:
-            self._commit_idle_positions()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._consumer is not None:
-            self._consumer.close()
-        if self._producer is not None:
-            self._producer.flush(DEAD_LETTER_FLUSH_TIMEOUT_S)
-        self._client.close()
+        try:
+            while self._in_flight and self._clock() < deadline:
+                self._settle_done(wait_s=0.1)
+            if self._in_flight:
+                log.warning("batches_abandoned", count=len(self._in_flight))
+            self._abandon.set()
+            self._settle_done(wait_s=0)
+            if self.until_caught_up and self._ranges is None:
+                self._commit_drained_positions()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            if self._consumer is not None:
+                self._consumer.close()
+            if self._committer is not None:
+                self._committer.close()
+            self._client.close()
 
     # -- one turn of the loop ----------------------------------------------------
 
@@ -224,6 +289,7 @@ class Worker:
         self._settle_done(wait_s=0)
         self._launch_ready(self._clock())
         self._apply_backpressure()
+        self._expire_events()
 
     def _handle(self, message: Any, now: float) -> None:
         error = message.error()
@@ -239,9 +305,56 @@ class Worker:
         buffer = self._buffers.get(tp)
         if buffer is None:  # a message for a partition revoked meanwhile
             return
+        offset = message.offset()
+        if tp in self._end and offset >= self._end[tp]:
+            self._eof[tp] = self._end[tp]  # past the range: this partition is done
+            return
         self._eof.pop(tp, None)
+        record = message
+        if self._ranges is not None:
+            if self._ranges.keep is not None and not self._ranges.keep(message):
+                return  # filtered out: neither consumed nor committed
+            if self._ranges.wrap is not None:
+                record = self._ranges.wrap(message)
         self.counters.consumed += 1
-        buffer.add(to_item(message, self._routes[message.topic()]), now)
+        route = self._routes.get(record.topic())
+        if route is None:
+            reject = Reject("decode", "unknown_topic", "not a person or event topic")
+            buffer.add(Item(offset, record, reject=reject), now)
+            return
+        item = to_item(record, route)
+        item.offset = offset
+        self._dedupe(item, record.partition())
+        buffer.add(item, now)
+
+    def _dedupe(self, item: Item, state_partition: int) -> None:
+        """Decide from the state whether the item's entry must be sent."""
+        if item.entry is None:
+            return
+        state = self._states.get(state_partition)
+        if state is None:
+            return
+        item.state_partition = state_partition
+        entry = json.loads(item.entry)
+        action = entry.get("action")
+        if action == "identify" and "identifiers" in entry:
+            decision = state.decide_person(
+                entry["identifiers"], entry.get("attributes", {}), self._person_dedupe
+            )
+            if decision.skip and not self._ignore_state:
+                item.entry, item.skipped = None, True
+                return
+            if decision.attributes is not entry.get("attributes"):
+                entry["attributes"] = decision.attributes
+                item.entry = serialize(entry)
+            item.state_update = decision.update
+        elif action == "event" and entry.get("id"):
+            now_s = int(self._wall_clock())
+            skip, update = state.decide_event(entry["id"], self._event_dedupe, now_s)
+            if skip and not self._ignore_state:
+                item.entry, item.skipped = None, True
+                return
+            item.state_update = update
 
     def _launch_ready(self, now: float) -> None:
         if self._stop_requested.is_set():
@@ -249,8 +362,7 @@ class Worker:
         for tp, buffer in self._buffers.items():
             if tp in self._revoking:
                 continue
-            at_end = tp in self._eof and self.until_caught_up
-            buffer.seal_if_due(now, force=at_end)
+            buffer.seal_if_due(now, force=tp in self._eof and self.until_caught_up)
             batch = buffer.take_next()
             if batch is not None:
                 self._launch(batch)
@@ -270,7 +382,7 @@ class Worker:
             future.set_result(Outcome())
         self._in_flight[future] = batch
 
-    # -- settling: dead letters, then commit -------------------------------------
+    # -- settling: one transaction per step ----------------------------------------
 
     def _settle_done(self, wait_s: float) -> None:
         if wait_s and self._in_flight:
@@ -286,86 +398,80 @@ class Worker:
                 continue  # revoked meanwhile: the new owner re-sends it
             settled.append((batch, outcome))
         if settled:
-            self._write_dead_letters(settled)
-            self._commit(settled)
+            self._settle(settled)
 
-    def _write_dead_letters(self, settled: list[tuple[Batch, Outcome]]) -> None:
-        assert self._producer is not None
-        topic = self.settings.kafka.dead_letter_topic
-        count = 0
-        for batch, outcome in settled:
-            for item, reject in _rejects_of(batch, outcome):
-                message = item.message
-                self._producer.produce(
-                    topic,
-                    key=message.key(),
-                    value=message.value(),
-                    headers=reject_headers(message, reject),
-                    on_delivery=self._on_dead_letter_delivery,
-                )
-                count += 1
-                self.counters.by_reason[reject.reason] = (
-                    self.counters.by_reason.get(reject.reason, 0) + 1
-                )
-                log.error(
-                    "record_dead_lettered",
-                    topic=batch.topic,
-                    partition=batch.partition,
-                    offset=item.offset,
-                    stage=reject.stage,
-                    reason=reject.reason,
-                    field=reject.field,
-                )
-        if count:
-            self._flush_dead_letters()
-        self.counters.rejected += count
-
-    def _flush_dead_letters(self) -> None:
-        assert self._producer is not None
-        remaining = self._producer.flush(DEAD_LETTER_FLUSH_TIMEOUT_S)
-        while remaining and not self._stop_requested.is_set():
-            log.warning("dead_letter_flush_slow", remaining=remaining)
-            remaining = self._producer.flush(DEAD_LETTER_FLUSH_TIMEOUT_S)
-        if remaining or self._dead_letter_errors:
-            errors = "; ".join(self._dead_letter_errors[:3])
-            raise TransientError(
-                f"dead letters not confirmed ({remaining} pending; {errors}); "
-                "offsets not committed"
-            )
-
-    def _on_dead_letter_delivery(self, error: KafkaError | None, _: Any) -> None:
-        if error is not None:
-            self._dead_letter_errors.append(error.str())
-
-    def _commit(self, settled: list[tuple[Batch, Outcome]]) -> None:
-        assert self._consumer is not None
+    def _settle(self, settled: list[tuple[Batch, Outcome]]) -> None:
+        """Dead letters, state updates and offsets of settled batches, atomically."""
+        dead_letters: list[DeadLetter] = []
         offsets: dict[TP, int] = {}
         for batch, outcome in settled:
-            tp = (batch.topic, batch.partition)
-            buffer = self._buffers.get(tp)
+            dead_letters.extend(self._dead_letters(batch, outcome))
+            self._collect_state(batch, outcome)
+            offsets[(batch.topic, batch.partition)] = batch.last_offset + 1
+        self._commit(dead_letters, offsets)
+        for batch, outcome in settled:
+            buffer = self._buffers.get((batch.topic, batch.partition))
             if buffer is not None:
                 buffer.complete(batch)
-            offsets[tp] = max(offsets.get(tp, 0), batch.last_offset + 1)
             self._count_and_log(batch, outcome)
-        self._commit_offsets(offsets)
         self._launch_ready(self._clock())
 
-    def _commit_offsets(self, offsets: dict[TP, int]) -> None:
+    def _commit(self, dead_letters: list[DeadLetter], offsets: dict[TP, int]) -> None:
+        assert self._committer is not None
         assert self._consumer is not None
-        if not offsets:
-            return
-        partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-        try:
-            self._consumer.commit(offsets=partitions, asynchronous=False)
-        except KafkaException as exc:
-            # The batch is delivered; a failed commit only means it may be sent
-            # again after a restart, which event ids make harmless.
-            log.warning("commit_failed", error=str(exc.args[0]))
+        grouped = self._ranges is None
+        metadata = self._consumer.consumer_group_metadata() if grouped else None
+        updates, self._pending_state = self._pending_state, []
+        self._committer.commit(
+            dead_letters, updates, offsets if grouped else {}, metadata
+        )
+
+    def _dead_letters(self, batch: Batch, outcome: Outcome) -> list[DeadLetter]:
+        letters = []
+        for item, reject in _rejects_of(batch, outcome):
+            message = item.message
+            letters.append(
+                DeadLetter(
+                    message.key(), message.value(), reject_headers(message, reject)
+                )
+            )
+            self.counters.by_reason[reject.reason] = (
+                self.counters.by_reason.get(reject.reason, 0) + 1
+            )
+            log.error(
+                "record_dead_lettered",
+                topic=message.topic(),
+                partition=message.partition(),
+                offset=message.offset(),
+                stage=reject.stage,
+                reason=reject.reason,
+                field=reject.field,
+            )
+        self.counters.rejected += len(letters)
+        return letters
+
+    def _collect_state(self, batch: Batch, outcome: Outcome) -> None:
+        """Queue the state updates of accepted entries; revert refused ones."""
+        refused = {
+            id(item) for index, item in enumerate(batch.entry_items())
+            if index in outcome.rejected
+        }  # fmt: skip
+        for item in batch.items:
+            update = item.state_update
+            if update is None:
+                continue
+            state = self._states.get(item.state_partition)
+            if id(item) in refused:
+                if state is not None:
+                    state.revert(update)
+            else:
+                self._pending_state.append((item.state_partition, update))
 
     def _count_and_log(self, batch: Batch, outcome: Outcome) -> None:
         entries = batch.entry_count
         api_rejected = len(outcome.rejected)
         self.counters.delivered += entries - api_rejected
+        self.counters.skipped += sum(1 for item in batch.items if item.skipped)
         self.counters.batches += 1
         self.counters.requests += outcome.requests
         if entries:
@@ -384,14 +490,26 @@ class Worker:
                 latency_ms=round(outcome.latency_s * 1000, 1),
             )
 
-    def _commit_idle_positions(self) -> None:
-        """Commit the end offset of every drained partition (run-until-caught-up)."""
+    def _commit_drained_positions(self) -> None:
+        """Commit the end offset of every drained partition (run-until-caught-up),
+        so offsets also cover transaction markers after the last record."""
         offsets = {
             tp: self._eof[tp]
             for tp, buffer in self._buffers.items()
             if tp in self._eof and buffer.is_idle()
         }
-        self._commit_offsets(offsets)
+        self._commit([], offsets)
+
+    def _expire_events(self) -> None:
+        now = self._clock()
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + EXPIRY_INTERVAL_S
+        retention_s = int(self.settings.state.event_retention_hours * 3600)
+        now_s = int(self._wall_clock())
+        for partition, state in self._states.items():
+            for tombstone in state.expire_events(now_s, retention_s):
+                self._pending_state.append((partition, tombstone))
 
     # -- flow control and rebalances ---------------------------------------------
 
@@ -410,7 +528,7 @@ class Worker:
         if not self._buffers or self._in_flight:
             return False
         return all(
-            buffer.is_idle() and self._eof.get(tp, -1) >= self._end_at_start.get(tp, 0)
+            buffer.is_idle() and self._eof.get(tp, -1) >= self._end.get(tp, 0)
             for tp, buffer in self._buffers.items()
         )
 
@@ -418,10 +536,33 @@ class Worker:
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._buffers[key] = PartitionBuffer(tp.topic, tp.partition, self._limits)
-            if self.until_caught_up:
+            if self.until_caught_up and key not in self._end:
                 _, high = consumer.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S)
-                self._end_at_start[key] = high
+                self._end[key] = high
+        self._load_state(partitions)
         log.info("partitions_assigned", partitions=_names(partitions))
+
+    def _load_state(self, partitions: list[TopicPartition]) -> None:
+        """Restore the state partitions the new input partitions need."""
+        if self._ranges is not None and self._ranges.wrap is not None:
+            needed = {-1}  # redrive: records come from any source partition
+        else:
+            needed = {tp.partition for tp in partitions}
+        if -1 in needed:
+            needed = set(range(self._state_partition_count()))
+        for tp in partitions:
+            for p in needed:
+                self._state_users.setdefault(p, set()).add((tp.topic, tp.partition))
+        missing = sorted(p for p in needed if p not in self._states)
+        if missing:
+            config = kafka_client_config(self.settings, "admin")
+            self._states.update(restore(config, self.settings.state_topic, missing))
+
+    def _state_partition_count(self) -> int:
+        assert self._consumer is not None
+        topic = self.settings.state_topic
+        metadata = self._consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+        return len(metadata.topics[topic].partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Settle the revoked partitions' in-flight batches, commit, forget them."""
@@ -432,6 +573,8 @@ class Worker:
             (b.topic, b.partition) in revoked for b in self._in_flight.values()
         ):
             self._settle_done(wait_s=0.05)
+        if self._pending_state:
+            self._commit([], {})
         self._forget(revoked)
         self._revoking -= revoked
         log.info("partitions_revoked", partitions=_names(partitions))
@@ -450,10 +593,16 @@ class Worker:
             self._buffers.pop(tp, None)
             self._paused.discard(tp)
             self._eof.pop(tp, None)
-            self._end_at_start.pop(tp, None)
+            self._end.pop(tp, None)
+        for p, users in list(self._state_users.items()):
+            users -= partitions
+            if not users:
+                del self._state_users[p]
+                self._states.pop(p, None)
+                self._pending_state = [u for u in self._pending_state if u[0] != p]
 
 
-def _rejects_of(batch: Batch, outcome: Outcome) -> list[tuple[Any, Reject]]:
+def _rejects_of(batch: Batch, outcome: Outcome) -> list[tuple[Item, Reject]]:
     """Every rejected item of a batch, in offset order, with its reason."""
     api_rejected = {
         id(item): outcome.rejected[index]
@@ -466,9 +615,10 @@ def _rejects_of(batch: Batch, outcome: Outcome) -> list[tuple[Any, Reject]]:
             rejects.append((item, item.reject))
         elif id(item) in api_rejected:
             refusal = api_rejected[id(item)]
-            rejects.append(
-                (item, Reject("api", refusal.reason, refusal.message, refusal.field))
+            reject = Reject(
+                "api", refusal.reason, refusal.message, refusal.field, outcome.attempts
             )
+            rejects.append((item, reject))
     return rejects
 
 

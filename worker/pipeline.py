@@ -1,26 +1,42 @@
-"""One consumed record to one batch item: decode, map, check. Pure, no I/O.
+"""One consumed record to one batch item: decode, map, check. No I/O but the
+schema registry's, on the first sight of a schema id.
 
-Every failure here is an ``InvalidRecordError``, caught and carried on the item
-as a ``Reject``, so a bad record is dead-lettered in offset order with the rest
-of its batch and the worker never stops for data.
+Every failure of a record here is an ``InvalidRecordError``, caught and carried
+on the item as a ``Reject``, so a bad record is dead-lettered in offset order
+with the rest of its batch and the worker never stops for data. A person
+tombstone the policy ignores becomes a skipped item: it is committed with its
+batch, counted as skipped and sent nowhere. ``TransientError`` (the schema
+registry is down) is not caught: the record is fine and must not be settled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import structlog
 
-from worker.avro import AvroDecoder
+from worker.avro import AvroDecoder, Decoder, FramedDecoder, load_schema
 from worker.batcher import Item
-from worker.errors import InvalidRecordError
-from worker.limits import check_entry_size
-from worker.mapping import Coordinates, serialize, to_event, to_identify
+from worker.errors import ConfigError, DecodeError, InvalidRecordError
+from worker.limits import checked_entry
+from worker.mapping import (
+    Coordinates,
+    RecordShape,
+    TopicMapping,
+    to_event,
+    to_identify,
+    to_person_action,
+)
+from worker.registry import SchemaRegistry, http_getter
 from worker.rejects import Reject
+from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+TombstonePolicy = Literal["ignore", "delete", "suppress"]
 
 
 class Kind(Enum):
@@ -30,27 +46,35 @@ class Kind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class TopicRoute:
-    """How records of one input topic are read and mapped."""
+    """How records of one input topic are read and mapped.
+
+    Without a ``mapping``, people are identified by ``person_email`` and the
+    shape (nested records, marked timestamps) is read from the decoder's schema.
+    """
 
     kind: Kind
-    decoder: AvroDecoder
+    decoder: Decoder
+    mapping: TopicMapping = field(default=None)  # type: ignore[assignment]
+    tombstones: TombstonePolicy = "ignore"
+
+    def __post_init__(self) -> None:
+        if self.mapping is None:
+            shape = RecordShape.of(self.decoder.schema)
+            object.__setattr__(self, "mapping", TopicMapping(shape=shape))
 
 
 def to_item(message: Any, route: TopicRoute) -> Item:
-    """Turn a Kafka message into a batch item: an entry, or a reject."""
+    """Turn a Kafka message into a batch item: an entry, a reject, or neither."""
     offset = message.offset()
     try:
-        record = route.decoder.decode(message.value())
-        if route.kind is Kind.PERSON:
-            entry = to_identify(record)
+        value = message.value()
+        if value is None:
+            entry = _tombstone_entry(message, route)
+            if entry is None:
+                return Item(offset, message, skipped=True)
         else:
-            _, timestamp_ms = message.timestamp()
-            coordinates = Coordinates(
-                message.topic(), message.partition(), offset, timestamp_ms
-            )
-            entry = to_event(record, coordinates)
-        entry_bytes = serialize(entry)
-        check_entry_size(entry_bytes)
+            entry = _entry(message, route.decoder.decode(value), route)
+        entry_bytes = checked_entry(entry)
     except InvalidRecordError as exc:
         log.debug(
             "record_rejected",
@@ -63,3 +87,94 @@ def to_item(message: Any, route: TopicRoute) -> Item:
         reject = Reject(exc.stage, exc.reason, exc.message, exc.field)
         return Item(offset, message, reject=reject)
     return Item(offset, message, entry=entry_bytes)
+
+
+def build_routes(settings: Settings) -> dict[str, TopicRoute]:
+    """The person and event topics' routes, from the settings; ConfigError if
+    a schema or the identity settings do not fit together."""
+    schemas, mapping = settings.schemas, settings.mapping
+    registry = _registry(settings)
+    person = _route(
+        Kind.PERSON,
+        schemas.person,
+        schemas.person_format,
+        registry,
+        TopicMapping(mapping.person_identifier, mapping.person_identifier_field),
+        mapping.person_tombstones,
+    )
+    event = _route(
+        Kind.EVENT,
+        schemas.event,
+        schemas.event_format,
+        registry,
+        TopicMapping(mapping.event_identifier, mapping.event_identifier_field),
+    )
+    return {settings.kafka.person_topic: person, settings.kafka.event_topic: event}
+
+
+def _entry(message: Any, record: dict[str, Any], route: TopicRoute) -> dict[str, Any]:
+    if route.kind is Kind.PERSON:
+        return to_identify(record, route.mapping)
+    _, timestamp_ms = message.timestamp()
+    coordinates = Coordinates(
+        message.topic(), message.partition(), message.offset(), timestamp_ms
+    )
+    return to_event(record, coordinates, route.mapping)
+
+
+def _tombstone_entry(message: Any, route: TopicRoute) -> dict[str, Any] | None:
+    """The entry a null value stands for, or None when it is skipped."""
+    if route.kind is Kind.EVENT:
+        raise DecodeError(
+            "tombstone",
+            "the event record has no value (a tombstone); an event cannot be "
+            "deleted, so producers must not write tombstones to the event topic",
+        )
+    if route.tombstones == "ignore":
+        log.debug(
+            "tombstone_skipped",
+            topic=message.topic(),
+            partition=message.partition(),
+            offset=message.offset(),
+        )
+        return None
+    return to_person_action(message.key(), route.tombstones, route.mapping)
+
+
+def _route(
+    kind: Kind,
+    path: Path,
+    framing: str,
+    registry: SchemaRegistry | None,
+    identity: TopicMapping,
+    tombstones: TombstonePolicy = "ignore",
+) -> TopicRoute:
+    schema = load_schema(path)
+    if not isinstance(schema, dict) or schema.get("type") != "record":
+        raise ConfigError(f"the {kind.value} schema {path} must be an Avro record")
+    decoder: Decoder = AvroDecoder(schema)
+    if registry is not None and framing in ("confluent", "auto"):
+        decoder = FramedDecoder(schema, registry, plain_fallback=framing == "auto")
+    if identity.identifier_field not in {f["name"] for f in schema["fields"]}:
+        setting = f"CIO_MAPPING__{kind.name}_IDENTIFIER_FIELD"
+        raise ConfigError(
+            f"the {kind.value} schema {path} has no field "
+            f"{identity.identifier_field!r}, which {setting} names as the "
+            f"person's {identity.identifier_type}"
+        )
+    shape = RecordShape.of(schema)
+    mapping = TopicMapping(identity.identifier_type, identity.identifier_field, shape)
+    return TopicRoute(kind, decoder, mapping, tombstones)
+
+
+def _registry(settings: Settings) -> SchemaRegistry | None:
+    schemas = settings.schemas
+    if not schemas.registry_url:
+        return None
+    password = schemas.registry_password
+    get = http_getter(
+        schemas.registry_username,
+        password.get_secret_value() if password else "",
+        schemas.registry_timeout_s,
+    )
+    return SchemaRegistry(schemas.registry_url, get)

@@ -10,10 +10,12 @@ as ``**********`` in ``repr``, logs and ``config show``.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic import ValidationError as PydanticValidationError
@@ -21,6 +23,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from worker.errors import ConfigError
@@ -33,6 +36,7 @@ MAX_REQUEST_BYTES = 500_000
 SECRET_KEYS = ("site_id", "api_key")
 # librdkafka property names that carry credentials, masked when shown.
 SECRET_PROPERTY_WORDS = ("password", "secret", "token", "key")
+REGISTRY_PASSWORD_ENV = "CIO_SCHEMAS__REGISTRY_PASSWORD"  # noqa: S105 (a name)
 
 
 class _Section(BaseModel):
@@ -56,6 +60,7 @@ class KafkaSettings(_Section):
     )
     properties: dict[str, str] = Field(
         default_factory=dict,
+        repr=False,  # may hold sasl.password and the like
         description=(
             "Extra librdkafka properties (security.protocol, sasl.*, ssl.*), "
             "passed through unchanged to the consumer and producer."
@@ -121,11 +126,133 @@ class BatchSettings(_Section):
     )
 
 
+class StateSettings(_Section):
+    """Dedupe state on a compacted topic, and the transactions that write it."""
+
+    topic: str = Field(
+        "", description='Compacted state topic; empty: "<group_id>.state".'
+    )
+    person_dedupe: Literal["off", "unchanged", "changed_attributes"] = Field(
+        "unchanged",
+        description=(
+            "off; unchanged: skip a person whose attributes equal the last ones "
+            "delivered; changed_attributes: send only the attributes that changed."
+        ),
+    )
+    event_dedupe: Literal["off", "id"] = Field(
+        "id", description="off; id: skip an event whose id was already delivered."
+    )
+    event_retention_hours: float = Field(
+        168.0, gt=0, description="How long a delivered event id is remembered."
+    )
+    transactional_id: str = Field(
+        "",
+        description=(
+            "Kafka transactional.id prefix; empty: <group_id>-<host>. A stable value "
+            "per replica (e.g. the pod name) fences a restarted replica's zombie."
+        ),
+    )
+    transaction_timeout_ms: int = Field(
+        60_000, ge=1000, description="Kafka transaction.timeout.ms."
+    )
+
+
 class SchemaSettings(_Section):
     """The Avro reader schemas; relative paths resolve from the working folder."""
 
     person: Path = Field(Path("schemas/person.avsc"), description="Person schema.")
     event: Path = Field(Path("schemas/person_event.avsc"), description="Event schema.")
+    person_format: Literal["avro", "confluent", "auto"] = Field(
+        "avro",
+        description=(
+            "Person topic values: avro (plain Avro), confluent (schema registry "
+            "framing) or auto (framed when the first byte is 0 and a registry is set)."
+        ),
+    )
+    event_format: Literal["avro", "confluent", "auto"] = Field(
+        "avro", description="Event topic values: avro, confluent or auto."
+    )
+    registry_url: str = Field(
+        "",
+        description=(
+            "Schema registry root URL for confluent and auto topics "
+            "(e.g. http://127.0.0.1:8081)."
+        ),
+    )
+    registry_username: str = Field(
+        "", description="Schema registry basic-auth user; empty: no auth."
+    )
+    registry_password: SecretStr | None = Field(
+        None,
+        description=(
+            "Schema registry basic-auth password "
+            "(environment CIO_SCHEMAS__REGISTRY_PASSWORD only)."
+        ),
+    )
+    registry_timeout_s: float = Field(
+        5.0, gt=0, description="Schema registry request timeout."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_from_environment(cls, values: Any) -> Any:
+        # The file arrives merged with the environment: a password the
+        # environment does not hold came from the file, which is refused.
+        if isinstance(values, dict) and values.get("registry_password"):
+            names = {name.upper() for name in os.environ}
+            if REGISTRY_PASSWORD_ENV not in names:
+                raise ValueError(
+                    "registry_password may only come from the environment: "
+                    f"remove it from the file and set {REGISTRY_PASSWORD_ENV}"
+                )
+        return values
+
+    @model_validator(mode="after")
+    def _registry_usable(self) -> SchemaSettings:
+        if "confluent" in (self.person_format, self.event_format) and not (
+            self.registry_url
+        ):
+            raise ValueError(
+                "format confluent needs registry_url (CIO_SCHEMAS__REGISTRY_URL)"
+            )
+        if self.registry_url:
+            parts = urlsplit(self.registry_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("registry_url must be an http:// or https:// URL")
+            if parts.username or parts.password:
+                raise ValueError(
+                    "registry_url must not hold credentials: set registry_username "
+                    f"and {REGISTRY_PASSWORD_ENV}"
+                )
+        return self
+
+
+class MappingSettings(_Section):
+    """How records name their person, and what a person tombstone does."""
+
+    person_identifier: Literal["email", "id", "cio_id"] = Field(
+        "email", description="Identifier type of people on the person topic."
+    )
+    person_identifier_field: str = Field(
+        "person_email",
+        min_length=1,
+        description="Person record field that holds the identifier.",
+    )
+    event_identifier: Literal["email", "id", "cio_id"] = Field(
+        "email", description="Identifier type of people on the event topic."
+    )
+    event_identifier_field: str = Field(
+        "person_email",
+        min_length=1,
+        description="Event record field that holds the identifier.",
+    )
+    person_tombstones: Literal["ignore", "delete", "suppress"] = Field(
+        "ignore",
+        description=(
+            "A person record with a null value: ignore it, or delete or suppress "
+            "the person its key names."
+        ),
+    )
 
 
 class LogSettings(_Section):
@@ -135,6 +262,65 @@ class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console on a terminal, JSON otherwise."
     )
+
+
+class ArchiveSettings(_Section):
+    """The S3 archive of dead letters (``cio-worker archive``) and its access.
+
+    Credentials: the access keys (environment only), else ``role_arn`` assumed
+    through STS, else the default chain (instance profile, web identity).
+    """
+
+    enabled: bool = Field(
+        False, description="Also run the archiver as a thread of `cio-worker run`."
+    )
+    bucket: str = Field("", description="S3 bucket of the archive; empty: none.")
+    prefix: str = Field("cio-rejects", description="Key prefix of archive objects.")
+    region: str = Field("us-east-1", description="The bucket's AWS region.")
+    endpoint_url: str = Field(
+        "", description="S3-compatible endpoint (MinIO, Ceph); empty: AWS S3."
+    )
+    access_key_id: SecretStr | None = Field(
+        None, description="Access key id (environment CIO_ARCHIVE__ACCESS_KEY_ID only)."
+    )
+    secret_access_key: SecretStr | None = Field(
+        None,
+        description="Secret key (environment CIO_ARCHIVE__SECRET_ACCESS_KEY only).",
+    )
+    role_arn: str = Field(
+        "", description="IAM role to assume through STS; empty: none."
+    )
+    role_session_name: str = Field(
+        "cio-worker-archiver", description="STS session name when assuming role_arn."
+    )
+    sts_endpoint_url: str = Field(
+        "", description="STS endpoint for role_arn; empty: AWS's regional STS."
+    )
+    group_id: str = Field(
+        "", description='Archiver consumer group; empty: "<[kafka] group_id>-archiver".'
+    )
+    max_records: int = Field(
+        10_000, ge=1, description="Dead letters per partition before a flush."
+    )
+    max_bytes: int = Field(
+        64_000_000,
+        ge=1_000_000,
+        description="Buffered bytes per partition before a flush.",
+    )
+    max_age_s: float = Field(
+        60.0, gt=0, description="Longest a dead letter waits in the buffer."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ArchiveSettings:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError(
+                "set both CIO_ARCHIVE__ACCESS_KEY_ID and "
+                "CIO_ARCHIVE__SECRET_ACCESS_KEY, or neither"
+            )
+        if self.enabled and not self.bucket:
+            raise ValueError("enabled needs a bucket: set CIO_ARCHIVE__BUCKET")
+        return self
 
 
 class Settings(BaseSettings):
@@ -156,8 +342,11 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     track: TrackSettings = TrackSettings()
     batch: BatchSettings = BatchSettings()
+    state: StateSettings = StateSettings()
     schemas: SchemaSettings = SchemaSettings()
+    mapping: MappingSettings = MappingSettings()
     log: LogSettings = LogSettings()
+    archive: ArchiveSettings = ArchiveSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -188,6 +377,11 @@ class Settings(BaseSettings):
         assert self.api_key is not None
         return self.site_id.get_secret_value(), self.api_key.get_secret_value()
 
+    @property
+    def state_topic(self) -> str:
+        """The state topic's name, derived from the group id unless set."""
+        return self.state.topic or f"{self.kafka.group_id}.state"
+
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain data, every secret masked."""
         data = self.model_dump(mode="json")
@@ -213,6 +407,8 @@ def load_settings(path: Path | None = None) -> Settings:
     file_values = _read_toml(path)
     try:
         return Settings(**file_values)
+    except SettingsError as exc:
+        raise ConfigError(f"invalid settings in the environment: {exc}") from None
     except PydanticValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
@@ -229,7 +425,9 @@ def _read_toml(path: Path | None) -> dict[str, Any]:
             raise ConfigError(f"config file {path} does not exist")
         return {}
     try:
-        values = tomllib.loads(path.read_text())
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     for name in SECRET_KEYS:
@@ -241,11 +439,15 @@ def _read_toml(path: Path | None) -> dict[str, Any]:
     return values
 
 
-def kafka_client_config(settings: Settings, role: str) -> dict[str, Any]:
+def kafka_client_config(
+    settings: Settings, role: str, transactional_id: str = ""
+) -> dict[str, Any]:
     """The librdkafka properties for one client; the only place they are built.
 
-    ``role`` is "consumer" or "producer". Passed-through properties win over the
-    defaults here, except the ones the delivery guarantees depend on.
+    ``role`` is "consumer", "producer" or "admin" (only the connection
+    properties); a producer given a ``transactional_id``
+    is transactional. Passed-through properties win over the defaults here,
+    except the ones the delivery guarantees depend on.
     """
     kafka = settings.kafka
     config: dict[str, Any] = {
@@ -266,7 +468,7 @@ def kafka_client_config(settings: Settings, role: str) -> dict[str, Any]:
                 "enable.partition.eof": True,
             }
         )
-    else:
+    elif role == "producer":
         config.update(
             {
                 "enable.idempotence": True,
@@ -275,4 +477,7 @@ def kafka_client_config(settings: Settings, role: str) -> dict[str, Any]:
                 "linger.ms": 5,
             }
         )
+        if transactional_id:
+            config["transactional.id"] = transactional_id
+            config["transaction.timeout.ms"] = settings.state.transaction_timeout_ms
     return config

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
@@ -34,8 +35,12 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
-def read_all(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[Any]:
-    """Every record of a topic, read from the beginning to the end offsets."""
+def read_all(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Any]:
+    """Every committed record of a topic, from the beginning to the end.
+
+    The end is the broker's end-of-partition signal, which also covers the
+    transaction markers that follow the last record of a transactional topic.
+    """
     ends = end_offsets(bootstrap, topic)
     consumer = Consumer(
         {
@@ -43,25 +48,24 @@ def read_all(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[Any]:
             "group.id": f"reader-{uuid.uuid4().hex}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
+            "enable.partition.eof": True,
             "isolation.level": "read_committed",
         }
     )
     consumer.assign([TopicPartition(topic, p, 0) for p in ends])
     records: list[Any] = []
-    wanted = sum(ends.values())
+    pending = {p for p, end in ends.items() if end > 0}
+    deadline = time.monotonic() + timeout_s
     try:
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        done = {p for p, end in ends.items() if end == 0}
-        while len(done) < len(ends) and time.monotonic() < deadline:
-            for message in consumer.consume(500, timeout=0.5):
-                if message.error():
-                    continue
-                records.append(message)
-                if message.offset() + 1 >= ends[message.partition()]:
-                    done.add(message.partition())
+        while pending:
+            assert time.monotonic() < deadline, f"{topic} not read to its end"
+            for message in consumer.consume(500, timeout=0.2):
+                error = message.error()
+                if error is None:
+                    records.append(message)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    if message.offset() >= ends[message.partition()]:
+                        pending.discard(message.partition())
     finally:
         consumer.close()
-    assert len(records) <= wanted
     return records

@@ -129,7 +129,7 @@ def test_run_until_caught_up_delivers_exactly_the_expected_people_and_events(
     dead = read_all(kafka_bootstrap, topics.dead_letter)
     assert len(dead) == 4 == counters.rejected
     stages = sorted(header_map(m.headers())["stage"] for m in dead)
-    assert stages == ["api", "api", "decode", "validate"]
+    assert stages == ["decode", "validate", "validate", "validate"]
     for message in dead:
         headers = header_map(message.headers())
         assert headers["reason"]

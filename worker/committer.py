@@ -1,0 +1,131 @@
+"""Settling delivered batches in one Kafka transaction.
+
+After the API accepted a batch, three things must happen together or not at
+all: its dead letters are written, its state updates are written, and the input
+offsets move past it. They go into one transaction, with the offsets sent via
+``send_offsets_to_transaction`` and the consumer's group metadata, so a crash
+before the commit leaves none of them visible (read_committed) and the batch is
+simply sent again; and a zombie whose partitions were given to another member
+is fenced by the group generation carried in that metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from confluent_kafka import KafkaException, Producer, TopicPartition
+
+from worker.errors import WorkerError
+from worker.state import StateUpdate
+
+log = structlog.get_logger(__name__)
+
+TRANSACTION_TIMEOUT_S = 30.0
+# A retriable commit error (broker busy, coordinator moving) is retried this
+# often before the worker gives up and restarts from the committed offsets.
+COMMIT_RETRIES = 10
+
+
+class TransactionError(WorkerError):
+    """A transaction could not be committed; the worker must restart from the
+    last committed offsets (nothing of the failed transaction is visible)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, str | bytes | None]]
+
+
+class Committer:
+    """Owns the transactional producer; used only from the consumer's thread."""
+
+    def __init__(
+        self, producer: Producer, dead_letter_topic: str, state_topic: str
+    ) -> None:
+        self._producer = producer
+        self._dead_letter_topic = dead_letter_topic
+        self._state_topic = state_topic
+        self.transactions = 0
+
+    def start(self) -> None:
+        """Register the transactional id, fencing any older producer that used it."""
+        try:
+            self._producer.init_transactions(TRANSACTION_TIMEOUT_S)
+        except KafkaException as exc:
+            raise TransactionError(
+                f"cannot initialise transactions: {exc.args[0].str()}; the broker "
+                "must support transactions (transaction.state.log settings)"
+            ) from exc
+
+    def commit(
+        self,
+        dead_letters: Sequence[DeadLetter],
+        state_updates: Sequence[tuple[int, StateUpdate]],
+        offsets: dict[tuple[str, int], int],
+        group_metadata: Any | None,
+    ) -> None:
+        """Write everything in one transaction; raise TransactionError on failure."""
+        if not dead_letters and not state_updates and not offsets:
+            return
+        producer = self._producer
+        try:
+            producer.begin_transaction()
+            for letter in dead_letters:
+                producer.produce(
+                    self._dead_letter_topic,
+                    key=letter.key,
+                    value=letter.value,
+                    headers=letter.headers,
+                )
+            for partition, update in state_updates:
+                producer.produce(
+                    self._state_topic,
+                    key=update.key,
+                    value=update.value,
+                    partition=partition,
+                )
+            if offsets and group_metadata is not None:
+                producer.send_offsets_to_transaction(
+                    [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                    group_metadata,
+                    TRANSACTION_TIMEOUT_S,
+                )
+            self._commit_with_retries()
+        except KafkaException as exc:
+            self._abort_after(exc)
+        self.transactions += 1
+
+    def _commit_with_retries(self) -> None:
+        for attempt in range(1, COMMIT_RETRIES + 1):
+            try:
+                self._producer.commit_transaction(TRANSACTION_TIMEOUT_S)
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                if not error.retriable() or attempt == COMMIT_RETRIES:
+                    raise
+                log.warning(
+                    "transaction_commit_retry", attempt=attempt, error=error.str()
+                )
+
+    def _abort_after(self, exc: KafkaException) -> None:
+        error = exc.args[0]
+        if error.txn_requires_abort():
+            try:
+                self._producer.abort_transaction(TRANSACTION_TIMEOUT_S)
+            except KafkaException:
+                log.warning("transaction_abort_failed", error=error.str())
+        fenced = "fenced" in error.str().lower() or error.fatal()
+        raise TransactionError(
+            ("this worker was fenced by a newer member; " if fenced else "")
+            + f"transaction failed: {error.str()}; restarting from the last "
+            "committed offsets re-sends the affected batches, which is harmless"
+        ) from exc
+
+    def close(self, timeout_s: float = TRANSACTION_TIMEOUT_S) -> None:
+        self._producer.flush(timeout_s)

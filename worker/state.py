@@ -1,0 +1,186 @@
+"""Dedupe state: what was last delivered, as digests per key. Pure, no I/O.
+
+The state of one input partition lives in the same-numbered partition of a
+compacted state topic (see ``statestore``). Each record there is one key:
+
+- ``p\\x00<identifier type>:<identifier>``: a person, with the digest of the
+  attributes last delivered (mode ``unchanged``) or one digest per attribute
+  (mode ``changed_attributes``);
+- ``e\\x00<EVENT ID>``: an event id delivered at a Unix time; expired after the
+  configured retention by a tombstone.
+
+Only digests are kept, never payloads, so a million people cost tens of MB.
+Decisions are made when a record is batched and applied to the in-memory state
+at once, so a second identical record in the same batch is skipped too; if the
+API then refuses the entry, ``revert`` restores the previous value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import deque
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+PERSON_PREFIX = b"p\x00"
+EVENT_PREFIX = b"e\x00"
+DIGEST_BYTES = 8
+# Value tags: which mode wrote a person value.
+WHOLE_DIGEST_TAG = b"1"
+ATTRIBUTE_DIGESTS_TAG = b"2"
+
+
+class PersonDedupe(StrEnum):
+    OFF = "off"
+    UNCHANGED = "unchanged"
+    CHANGED_ATTRIBUTES = "changed_attributes"
+
+
+class EventDedupe(StrEnum):
+    OFF = "off"
+    ID = "id"
+
+
+@dataclass(frozen=True, slots=True)
+class StateUpdate:
+    """One record to write to the state topic; ``value`` None is a tombstone."""
+
+    key: bytes
+    value: bytes | None
+    previous: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PersonDecision:
+    """Send these attributes (or skip), and the state update that goes with it."""
+
+    skip: bool
+    attributes: dict[str, Any]
+    update: StateUpdate | None
+
+
+def person_key(identifiers: dict[str, Any]) -> bytes:
+    """The state key of a person: identifier type and value (emails lower-cased)."""
+    (kind, value), *_ = identifiers.items()
+    text = str(value).lower() if kind == "email" else str(value)
+    return PERSON_PREFIX + f"{kind}:{text}".encode()
+
+
+def event_key(event_id: str) -> bytes:
+    return EVENT_PREFIX + event_id.upper().encode()
+
+
+def digest(value: Any) -> bytes:
+    """An 8-byte digest of a JSON value, independent of key order."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(canonical.encode(), digest_size=DIGEST_BYTES).digest()
+
+
+class PartitionState:
+    """The digests of one state partition, and the order events expire in."""
+
+    def __init__(self) -> None:
+        self.people: dict[bytes, bytes] = {}
+        self.events: dict[bytes, int] = {}
+        self._event_order: deque[tuple[int, bytes]] = deque()
+
+    def __len__(self) -> int:
+        return len(self.people) + len(self.events)
+
+    def load(self, key: bytes, value: bytes | None) -> None:
+        """Apply one state-topic record while restoring (later records win)."""
+        if key.startswith(PERSON_PREFIX):
+            if value is None:
+                self.people.pop(key, None)
+            else:
+                self.people[key] = value
+        elif key.startswith(EVENT_PREFIX):
+            if value is None:
+                self.events.pop(key, None)
+            else:
+                self._remember_event(key, int(value))
+
+    def decide_person(
+        self,
+        identifiers: dict[str, Any],
+        attributes: dict[str, Any],
+        mode: PersonDedupe,
+    ) -> PersonDecision:
+        """Whether an identify must be sent, and with which attributes."""
+        if mode is PersonDedupe.OFF:
+            return PersonDecision(False, attributes, None)
+        key = person_key(identifiers)
+        previous = self.people.get(key)
+        if mode is PersonDedupe.UNCHANGED:
+            value = WHOLE_DIGEST_TAG + digest(attributes)
+            if value == previous:
+                return PersonDecision(True, attributes, None)
+            self.people[key] = value
+            return PersonDecision(False, attributes, StateUpdate(key, value, previous))
+        return self._decide_changed(key, previous, attributes)
+
+    def _decide_changed(
+        self, key: bytes, previous: bytes | None, attributes: dict[str, Any]
+    ) -> PersonDecision:
+        known = _attribute_digests(previous)
+        current = {name: digest(value).hex() for name, value in attributes.items()}
+        changed = {
+            name: attributes[name]
+            for name, value in current.items()
+            if known.get(name) != value
+        }
+        if not changed:
+            return PersonDecision(True, {}, None)
+        merged = {**known, **current}
+        value = (
+            ATTRIBUTE_DIGESTS_TAG
+            + json.dumps(merged, sort_keys=True, separators=(",", ":")).encode()
+        )
+        self.people[key] = value
+        return PersonDecision(False, changed, StateUpdate(key, value, previous))
+
+    def decide_event(
+        self, event_id: str, mode: EventDedupe, now_s: int
+    ) -> tuple[bool, StateUpdate | None]:
+        """(skip, update): skip an event whose id was already delivered."""
+        if mode is EventDedupe.OFF:
+            return False, None
+        key = event_key(event_id)
+        if key in self.events:
+            return True, None
+        self._remember_event(key, now_s)
+        return False, StateUpdate(key, str(now_s).encode(), None)
+
+    def revert(self, update: StateUpdate) -> None:
+        """Undo a decision whose entry the API refused."""
+        if update.key.startswith(PERSON_PREFIX):
+            if update.previous is None:
+                self.people.pop(update.key, None)
+            else:
+                self.people[update.key] = update.previous
+        else:
+            self.events.pop(update.key, None)
+
+    def expire_events(self, now_s: int, retention_s: int) -> list[StateUpdate]:
+        """Forget event ids older than the retention; return their tombstones."""
+        horizon = now_s - retention_s
+        tombstones = []
+        while self._event_order and self._event_order[0][0] < horizon:
+            delivered_at, key = self._event_order.popleft()
+            if self.events.get(key) == delivered_at:
+                del self.events[key]
+                tombstones.append(StateUpdate(key, None))
+        return tombstones
+
+    def _remember_event(self, key: bytes, delivered_at: int) -> None:
+        self.events[key] = delivered_at
+        self._event_order.append((delivered_at, key))
+
+
+def _attribute_digests(value: bytes | None) -> dict[str, str]:
+    if not value or not value.startswith(ATTRIBUTE_DIGESTS_TAG):
+        return {}
+    loaded: dict[str, str] = json.loads(value[len(ATTRIBUTE_DIGESTS_TAG) :])
+    return loaded
