@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from worker import __version__
+from worker import __version__, commands
 from worker.errors import ConfigError, WorkerError
 from worker.logs import configure_logging
 from worker.settings import Settings, load_settings
@@ -55,7 +56,112 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands.add_parser(
         "show", help="print the effective settings, secrets masked"
     )
+    _add_replay(commands)
+    _add_offsets(commands)
+    _add_dlq(commands)
     return parser
+
+
+def _add_position_options(parser: argparse.ArgumentParser, verb: str) -> None:
+    start = parser.add_mutually_exclusive_group(required=True)
+    start.add_argument(
+        "--from-beginning", action="store_true", help=f"{verb} from the log start"
+    )
+    start.add_argument(
+        "--from-offset", type=int, metavar="N", help=f"{verb} from offset N"
+    )
+    start.add_argument(
+        "--from-time",
+        metavar="TIME",
+        help=f"{verb} from the first record at or after TIME",
+    )
+    end = parser.add_mutually_exclusive_group()
+    end.add_argument(
+        "--to-offset",
+        type=int,
+        metavar="N",
+        help="stop before offset N (default: the end now)",
+    )
+    end.add_argument(
+        "--to-time", metavar="TIME", help="stop before the first record at TIME"
+    )
+
+
+def _add_replay(commands: Any) -> None:
+    replay = commands.add_parser(
+        "replay",
+        help="deliver a range of a topic again, beside the live group",
+        description=(
+            "Deliver a range of the person or event topic again. Runs beside the live "
+            "group without moving its offsets; records already delivered are skipped "
+            "by the state unless --ignore-state. TIME is ISO-8601 (UTC if no zone) or "
+            "Unix milliseconds. Exit codes: 0 done, 1 failed, 2 bad arguments."
+        ),
+    )
+    replay.add_argument("--topic", required=True, help="the person or event topic")
+    replay.add_argument(
+        "--partitions", help="comma-separated partition numbers (default: all)"
+    )
+    _add_position_options(replay, "replay")
+    replay.add_argument(
+        "--ignore-state",
+        action="store_true",
+        help="send even what was already delivered",
+    )
+
+
+def _add_offsets(commands: Any) -> None:
+    offsets = commands.add_parser("offsets", help="move the live group's offsets")
+    offsets_commands = offsets.add_subparsers(dest="offsets_command", required=True)
+    reset = offsets_commands.add_parser(
+        "reset",
+        help="set the group's committed offsets to an offset or a time",
+        description=(
+            "Set the consumer group's committed offsets. The group must have no "
+            "running members. --dry-run prints the plan and changes nothing."
+        ),
+    )
+    reset.add_argument("--topic", help="one input topic (default: both)")
+    reset.add_argument("--partitions", help="comma-separated partition numbers")
+    target = reset.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to-beginning", action="store_true")
+    target.add_argument("--to-end", action="store_true")
+    target.add_argument("--to-offset", type=int, metavar="N")
+    target.add_argument("--to-time", metavar="TIME")
+    reset.add_argument("--dry-run", action="store_true", help="print the plan only")
+
+
+def _add_dlq(commands: Any) -> None:
+    dlq = commands.add_parser("dlq", help="work with the dead-letter topic")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    redrive = dlq_commands.add_parser(
+        "redrive",
+        help="process dead-lettered records again with today's schemas and settings",
+        description=(
+            "Read the dead-letter topic and process the matching records again as "
+            "the records they were. Records that fail again return to the dead-letter "
+            "topic with their attempt count raised. Exit codes: 0 done, 1 failed, "
+            "2 bad arguments."
+        ),
+    )
+    redrive.add_argument(
+        "--reason", action="append", default=[], help="only this reason (repeatable)"
+    )
+    redrive.add_argument(
+        "--stage", action="append", default=[], choices=["decode", "validate", "api"]
+    )
+    redrive.add_argument(
+        "--source-topic",
+        action="append",
+        default=[],
+        help="only records from this topic",
+    )
+    redrive.add_argument(
+        "--since", metavar="TIME", help="dead-lettered at or after TIME"
+    )
+    redrive.add_argument(
+        "--until", metavar="TIME", help="dead-lettered at or before TIME"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(json.dumps(settings.redacted(), indent=2))
         return EXIT_OK
+    try:
+        if args.command == "replay":
+            return commands.replay(settings, args)
+        if args.command == "offsets":
+            return commands.reset_offsets(settings, args)
+        if args.command == "dlq":
+            return commands.redrive(settings, args)
+    except ConfigError as exc:
+        print(f"cio-worker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return _run(settings, until_caught_up=args.until_caught_up)
 
 

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -42,7 +42,7 @@ from worker.delivery import AbandonedError, Deliverer, Outcome
 from worker.errors import ConfigError, WorkerError
 from worker.mapping import serialize
 from worker.pipeline import build_routes, to_item
-from worker.rejects import Reject, reject_headers
+from worker.rejects import Reject, dead_letter_records
 from worker.settings import Settings, kafka_client_config
 from worker.state import EventDedupe, PartitionState, PersonDedupe, StateUpdate
 from worker.statestore import ensure_state_topic, restore
@@ -106,6 +106,7 @@ class Worker:
         until_caught_up: bool = False,
         ranges: Ranges | None = None,
         ignore_state: bool = False,
+        progress: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -115,6 +116,7 @@ class Worker:
         self.counters = Counters()
         self._ranges = ranges
         self._ignore_state = ignore_state
+        self._progress = progress
         self._clock = clock
         self._wall_clock = wall_clock
         self._stop_requested = threading.Event()
@@ -290,6 +292,8 @@ class Worker:
         self._launch_ready(self._clock())
         self._apply_backpressure()
         self._expire_events()
+        if self._progress is not None:
+            self._progress(self.counters.consumed)
 
     def _handle(self, message: Any, now: float) -> None:
         error = message.error()
@@ -430,11 +434,14 @@ class Worker:
         letters = []
         for item, reject in _rejects_of(batch, outcome):
             message = item.message
-            letters.append(
-                DeadLetter(
-                    message.key(), message.value(), reject_headers(message, reject)
-                )
-            )
+            attempts = getattr(message, "attempts", 0)  # a redriven record's
+            if attempts > reject.attempts:
+                reject = replace(reject, attempts=attempts)
+            # One dead letter, or the chunks of one too large for the topic.
+            letters += [
+                DeadLetter(*record) for record in dead_letter_records(message, reject)
+            ]
+            self.counters.rejected += 1
             self.counters.by_reason[reject.reason] = (
                 self.counters.by_reason.get(reject.reason, 0) + 1
             )
@@ -447,7 +454,6 @@ class Worker:
                 reason=reject.reason,
                 field=reject.field,
             )
-        self.counters.rejected += len(letters)
         return letters
 
     def _collect_state(self, batch: Batch, outcome: Outcome) -> None:

@@ -63,9 +63,11 @@ def read_all(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Any]:
                 error = message.error()
                 if error is None:
                     records.append(message)
-                elif error.code() == KafkaError._PARTITION_EOF:
-                    if message.offset() >= ends[message.partition()]:
-                        pending.discard(message.partition())
+                elif (
+                    error.code() == KafkaError._PARTITION_EOF
+                    and message.offset() >= ends[message.partition()]
+                ):
+                    pending.discard(message.partition())
     finally:
         consumer.close()
     return records

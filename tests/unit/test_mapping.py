@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import UTC, date, datetime, time
+from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 import pytest
+from fastavro import parse_schema
 
-from worker.errors import ValidationError
+from worker.errors import ConfigError, ValidationError
 from worker.mapping import (
     Coordinates,
+    RecordShape,
+    TopicMapping,
     derive_event_id,
     serialize,
     to_event,
     to_identify,
+    to_json,
+    to_person_action,
 )
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -299,3 +307,436 @@ def test_serialize_is_compact() -> None:
     data = serialize(entry)
 
     assert data == b'{"a":[1,2],"b":{"c":true}}'
+
+
+# -- identity, flattening, JSON conversion and timestamps --------------------------
+
+T = 1_700_000_000
+
+
+def shape_of(*fields: dict[str, Any]) -> RecordShape:
+    """The shape of a record schema with these fields."""
+    schema = {"type": "record", "name": "R", "fields": list(fields)}
+    return RecordShape.of(parse_schema(schema))
+
+
+ADDRESS = {
+    "type": "record",
+    "name": "Address",
+    "fields": [
+        {"name": "city", "type": "string"},
+        {"name": "zip", "type": ["null", "string"], "default": None},
+        {
+            "name": "geo",
+            "type": [
+                "null",
+                {
+                    "type": "record",
+                    "name": "Geo",
+                    "fields": [
+                        {"name": "lat", "type": "double"},
+                        {"name": "lon", "type": "double"},
+                    ],
+                },
+            ],
+            "default": None,
+        },
+    ],
+}
+SHAPE = shape_of(
+    {"name": "person_email", "type": "string"},
+    {"name": "address", "type": ["null", ADDRESS], "default": None},
+    {"name": "billing", "type": ["null", "Address"], "default": None},
+    {"name": "seen_ms", "type": ["null", "long"], "cio.timestamp": "milliseconds"},
+    {"name": "renewed", "type": ["null", "string"], "cio.timestamp": "seconds"},
+    {"name": "tags", "type": {"type": "map", "values": "string"}},
+)
+
+
+@pytest.mark.parametrize(
+    ("identifier_type", "field", "record", "expected"),
+    [
+        ("email", "person_email", {"person_email": "A@x.io"}, {"email": "A@x.io"}),
+        ("id", "person_id", {"person_id": "u-42"}, {"id": "u-42"}),
+        ("id", "person_id", {"person_id": 42}, {"id": "42"}),
+        ("cio_id", "cio_id", {"cio_id": "a3000001"}, {"cio_id": "a3000001"}),
+        (
+            "email",
+            "contact",
+            {"contact": "b@x.io", "person_email": "no"},
+            {"email": "b@x.io"},
+        ),
+    ],
+)
+def test_to_identify_identifier_type_and_field_from_mapping(
+    identifier_type: Any, field: str, record: dict[str, Any], expected: Any
+) -> None:
+    """The identifier is read from the configured field as the configured type."""
+    mapping = TopicMapping(identifier_type, field)
+
+    entry = to_identify(record, mapping)
+
+    assert entry["identifiers"] == expected
+    assert field not in entry["attributes"]
+
+
+@pytest.mark.parametrize(
+    ("identifier_type", "value"),
+    [("id", True), ("id", 4.2), ("email", 42), ("cio_id", 7), ("id", ""), ("id", None)],
+)
+def test_to_identify_unusable_identifier_raises_missing_identifier(
+    identifier_type: Any, value: Any
+) -> None:
+    """Only text (and an integer for id) identifies a person."""
+    mapping = TopicMapping(identifier_type, "who")
+
+    with pytest.raises(ValidationError) as caught:
+        to_identify({"who": value}, mapping)
+
+    assert (caught.value.reason, caught.value.field) == ("missing_identifier", "who")
+
+
+@pytest.mark.parametrize(
+    ("record", "reason", "field"),
+    [
+        (
+            {"event_name": "view", "anonymous_id": "anon-1"},
+            "anonymous_event_unsupported",
+            "anonymous_id",
+        ),
+        (
+            {"person_email": None, "event_name": "view", "anonymous_id": "anon-1"},
+            "anonymous_event_unsupported",
+            "anonymous_id",
+        ),
+        (
+            {"event_name": "view", "anonymous_id": " "},
+            "missing_identifier",
+            "person_email",
+        ),
+    ],
+)
+def test_to_event_anonymous_event_refused_with_reason(
+    record: dict[str, Any], reason: str, field: str
+) -> None:
+    """An event with only an anonymous id is refused: v2 batch cannot carry it."""
+    with pytest.raises(ValidationError) as caught:
+        to_event(record, COORDS)
+
+    assert (caught.value.reason, caught.value.field) == (reason, field)
+
+
+def test_to_event_identified_with_anonymous_id_keeps_it_as_data() -> None:
+    """An event with a person and an anonymous id is sent, the id as data."""
+    record = {"person_email": "a@x.io", "event_name": "view", "anonymous_id": "c1"}
+
+    entry = to_event(record, COORDS)
+
+    assert entry["identifiers"] == {"email": "a@x.io"}
+    assert entry["attributes"] == {"anonymous_id": "c1"}
+
+
+def test_to_identify_nested_records_flattened_with_dots() -> None:
+    """Record fields become dotted attributes; maps and arrays stay JSON."""
+    record = {
+        "person_email": "a@x.io",
+        "address": {"city": "Oslo", "zip": None, "geo": {"lat": 59.9, "lon": 10.7}},
+        "billing": {"city": "Bergen", "zip": "5003", "geo": None},
+        "tags": {"a": "1", "b": "2"},
+        "langs": ["no", "en"],
+        "orders": [{"id": 1, "lines": [{"sku": "x"}]}],
+        "attributes": {"address.city": "from map", "vip": True},
+    }
+
+    entry = to_identify(record, TopicMapping(shape=SHAPE))
+
+    assert entry["attributes"] == {
+        "address.city": "Oslo",
+        "address.geo.lat": 59.9,
+        "address.geo.lon": 10.7,
+        "billing.city": "Bergen",
+        "billing.zip": "5003",
+        "tags": {"a": "1", "b": "2"},
+        "langs": ["no", "en"],
+        "orders": [{"id": 1, "lines": [{"sku": "x"}]}],
+        "vip": True,
+    }
+
+
+def test_to_identify_record_without_shape_kept_as_object() -> None:
+    """Without a schema saying it is a record, a nested dict stays an object."""
+    record = {"person_email": "a@x.io", "address": {"city": "Oslo", "zip": None}}
+
+    entry = to_identify(record)
+
+    assert entry["attributes"] == {"address": {"city": "Oslo", "zip": None}}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("", ""),
+        (0, 0),
+        (False, False),
+        (1.5, 1.5),
+        (Decimal("12.30"), "12.30"),
+        (Decimal("-0.001"), "-0.001"),
+        (Decimal("1E-7"), "0.0000001"),
+        (Decimal("12345678901234567890.12"), "12345678901234567890.12"),
+        (Decimal("1E+3"), "1000"),
+        (date(2024, 2, 29), "2024-02-29"),
+        (time(13, 45, 1, 250000), "13:45:01.250000"),
+        (time(13, 45), "13:45:00"),
+        (
+            UUID("6B30FA27-9E05-4818-8E68-A9E194DDC832"),
+            "6b30fa27-9e05-4818-8e68-a9e194ddc832",
+        ),
+        (b"\x00\xffhi", "AP9oaQ=="),
+        (bytearray(b"AB"), "QUI="),
+        (b"", ""),
+        (datetime(2023, 11, 14, 22, 13, 20, 500000, tzinfo=UTC), T),
+        (datetime(2023, 11, 14, 22, 13, 20), T),
+        ([Decimal("1.0"), b"\x01", None], ["1.0", "AQ==", None]),
+        ({"k": date(2020, 1, 1), "n": None}, {"k": "2020-01-01", "n": None}),
+    ],
+)
+def test_to_json_converts_avro_values_by_one_rule(value: Any, expected: Any) -> None:
+    """Each Avro value type has one JSON form."""
+    assert to_json(value, "f") == expected
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_to_json_non_finite_float_left_for_limits(value: float) -> None:
+    """to_json passes a NaN on so that limits report it beside every other problem."""
+    converted = to_json(value, "f")
+
+    assert converted is value
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (datetime(1970, 1, 1, tzinfo=UTC), "timestamp_too_small"),
+        (object(), "unsupported_value"),
+    ],
+)
+def test_to_json_unconvertible_value_raises(value: Any, reason: str) -> None:
+    """A timestamp out of range or an unknown type is refused naming the field."""
+    with pytest.raises(ValidationError) as caught:
+        to_json(value, "orders[0].at")
+
+    assert (caught.value.reason, caught.value.field) == (reason, "orders[0].at")
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "expected"),
+    [
+        (T, T),
+        (float(T), T),
+        ("2023-11-14T22:13:20Z", T),
+        ("2023-11-14T23:13:20+01:00", T),
+        ("2023-11-14T22:13:20", T),
+        (str(T), T),
+        (datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC), T),
+    ],
+)
+def test_to_event_timestamp_normalised_to_seconds(
+    timestamp: Any, expected: int
+) -> None:
+    """Seconds, ISO text with or without a zone and datetimes become seconds."""
+    record = {"person_email": "a@x.io", "event_name": "e", "timestamp": timestamp}
+
+    entry = to_event(record, COORDS)
+
+    assert entry["timestamp"] == expected
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "reason"),
+    [
+        (T * 1000, "timestamp_too_large"),
+        (0, "timestamp_too_small"),
+        (-5, "timestamp_too_small"),
+        ("next tuesday", "invalid_timestamp"),
+        (math.nan, "invalid_timestamp"),
+    ],
+)
+def test_to_event_bad_timestamp_rejected_not_replaced(
+    timestamp: Any, reason: str
+) -> None:
+    """A timestamp that is unreadable or implausible is refused, never set to now."""
+    record = {"person_email": "a@x.io", "event_name": "e", "timestamp": timestamp}
+
+    with pytest.raises(ValidationError) as caught:
+        to_event(record, COORDS)
+
+    assert (caught.value.reason, caught.value.field) == (reason, "timestamp")
+
+
+def test_to_event_timestamp_marked_milliseconds_converted() -> None:
+    """A timestamp field the schema marks as milliseconds is divided to seconds."""
+    shape = shape_of(
+        {"name": "timestamp", "type": "long", "cio.timestamp": "milliseconds"}
+    )
+    record = {"person_email": "a@x.io", "event_name": "e", "timestamp": T * 1000 + 5}
+
+    entry = to_event(record, COORDS, TopicMapping(shape=shape))
+
+    assert entry["timestamp"] == T
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({"created_at": T}, {"created_at": T}),
+        ({"created_at": "2023-11-14T22:13:20Z"}, {"created_at": T}),
+        ({"attributes": {"created_at": "2023-11-14T22:13:20Z"}}, {"created_at": T}),
+        (
+            {"created_at": datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)},
+            {"created_at": T},
+        ),
+        ({"seen_ms": T * 1000 + 999}, {"seen_ms": T}),
+        ({"renewed": "2023-11-14"}, {"renewed": T - 80_000}),
+        (
+            {"address": {"city": "x", "geo": None}, "seen_ms": None},
+            {"address.city": "x"},
+        ),
+        ({"updated": "2023-11-14"}, {"updated": "2023-11-14"}),  # not a timestamp
+    ],
+)
+def test_to_identify_timestamp_attributes_normalised(
+    record: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    """created_at and marked fields become seconds; others are left alone."""
+    entry = to_identify({"person_email": "a@x.io", **record}, TopicMapping(shape=SHAPE))
+
+    assert entry["attributes"] == expected
+
+
+@pytest.mark.parametrize(
+    ("record", "reason", "field"),
+    [
+        ({"created_at": 0}, "timestamp_too_small", "created_at"),
+        ({"created_at": -1}, "timestamp_too_small", "created_at"),
+        ({"created_at": T * 1000}, "timestamp_too_large", "created_at"),
+        ({"attributes": {"created_at": "soon"}}, "invalid_timestamp", "created_at"),
+        ({"seen_ms": 5}, "timestamp_too_small", "seen_ms"),
+        ({"renewed": "later"}, "invalid_timestamp", "renewed"),
+    ],
+)
+def test_to_identify_bad_timestamp_attribute_rejected(
+    record: dict[str, Any], reason: str, field: str
+) -> None:
+    """A person timestamp attribute out of range or unreadable refuses the record."""
+    with pytest.raises(ValidationError) as caught:
+        to_identify({"person_email": "a@x.io", **record}, TopicMapping(shape=SHAPE))
+
+    assert (caught.value.reason, caught.value.field) == (reason, field)
+
+
+def test_to_event_two_events_without_id_get_distinct_ids() -> None:
+    """Two id-less events of one person, at two offsets, get two ids."""
+    record = {"person_email": "a@x.io", "event_name": "login"}
+
+    first = to_event(record, Coordinates("e", 0, 10, 1_700_000_000_000))
+    second = to_event(record, Coordinates("e", 0, 11, 1_700_000_000_000))
+
+    assert first["id"] != second["id"]
+
+
+def test_to_event_replayed_record_gets_same_id() -> None:
+    """The same record read again (same coordinates) gets the same id."""
+    record = {"person_email": "a@x.io", "event_name": "login"}
+
+    first = to_event(record, Coordinates("e", 0, 10, 1_700_000_000_000))
+    replay = to_event(dict(record), Coordinates("e", 0, 10, 1_700_000_000_000))
+
+    assert first["id"] == replay["id"]
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        UUID("6b30fa27-9e05-4818-8e68-a9e194ddc832"),
+        "6b30fa27-9e05-4818-8e68-a9e194ddc832",
+        "6B30FA27-9E05-4818-8E68-A9E194DDC832",
+    ],
+)
+def test_to_event_uuid_event_id_becomes_ulid_of_same_bits(given: Any) -> None:
+    """A UUID event id is re-encoded as the ULID of its 128 bits."""
+    record = {"person_email": "a@x.io", "event_name": "e", "event_id": given}
+
+    entry = to_event(record, COORDS)
+
+    assert entry["id"] == "3B63X2F7G590C8WT59W6ADVJ1J"
+
+
+def test_to_event_data_map_keeps_keys_named_like_entry_fields() -> None:
+    """Only the identifier is dropped from the map; other keys are event data."""
+    record = {
+        "person_email": "a@x.io",
+        "event_name": "e",
+        "data": {"person_email": "x", "timestamp": "t", "event_name": "n"},
+    }
+
+    entry = to_event(record, COORDS)
+
+    assert entry["attributes"] == {"timestamp": "t", "event_name": "n"}
+
+
+@pytest.mark.parametrize(
+    ("action", "key", "mapping", "identifiers"),
+    [
+        ("delete", b"a@x.io", TopicMapping(), {"email": "a@x.io"}),
+        ("suppress", b"a@x.io", TopicMapping(), {"email": "a@x.io"}),
+        ("delete", b"u-42", TopicMapping("id", "person_id"), {"id": "u-42"}),
+        ("suppress", "é@x.io".encode(), TopicMapping(), {"email": "é@x.io"}),
+    ],
+)
+def test_to_person_action_names_person_by_key(
+    action: str, key: bytes, mapping: TopicMapping, identifiers: dict[str, str]
+) -> None:
+    """A tombstone's key becomes the identifier of a delete or suppress entry."""
+    entry = to_person_action(key, action, mapping)
+
+    assert entry == {"type": "person", "action": action, "identifiers": identifiers}
+
+
+@pytest.mark.parametrize("key", [None, b"", b"  ", b"\xff\xfe"])
+def test_to_person_action_without_usable_key_raises(key: bytes | None) -> None:
+    """A tombstone without a UTF-8 key names no person and is refused."""
+    with pytest.raises(ValidationError) as caught:
+        to_person_action(key, "delete")
+
+    assert (caught.value.reason, caught.value.field) == ("missing_identifier", "key")
+
+
+@pytest.mark.parametrize("mark", ["ms", "SECONDS", True, 1])
+def test_record_shape_bad_timestamp_mark_raises_config_error(mark: Any) -> None:
+    """A timestamp mark other than seconds or milliseconds stops start-up."""
+    with pytest.raises(ConfigError) as caught:
+        shape_of({"name": "at", "type": "long", "cio.timestamp": mark})
+
+    assert "cio.timestamp" in str(caught.value)
+
+
+def test_record_shape_recursive_record_is_bounded() -> None:
+    """A recursive record type gives a finite shape instead of looping."""
+    shape = shape_of(
+        {
+            "name": "node",
+            "type": {
+                "type": "record",
+                "name": "Node",
+                "fields": [{"name": "next", "type": ["null", "Node"]}],
+            },
+        }
+    )
+
+    depth = 0
+    while "next" in shape.nested or "node" in shape.nested:
+        shape = shape.nested.get("node") or shape.nested["next"]
+        depth += 1
+
+    assert depth <= 40

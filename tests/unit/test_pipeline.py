@@ -10,9 +10,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.unit.fakes import FakeMessage
-from worker.avro import AvroDecoder, encode, load_schema
+from tests.unit.test_avro import FakeRegistry
+from worker.avro import AvroDecoder, FramedDecoder, encode, encode_framed, load_schema
+from worker.errors import ConfigError, TransientError
 from worker.mapping import Coordinates, derive_event_id, serialize, to_identify
-from worker.pipeline import Kind, TopicRoute, to_item
+from worker.pipeline import Kind, TopicRoute, build_routes, to_item
+from worker.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -221,3 +224,210 @@ def test_to_item_entry_over_limit_reject_entry_too_large(
     assert item.entry is None
     assert item.reject is not None
     assert (item.reject.stage, item.reject.reason) == ("validate", "entry_too_large")
+
+
+# -- tombstones, identity, framing and routes from settings ------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "key", "expected"),
+    [
+        (
+            "delete",
+            b"ann@example.com",
+            b'{"type":"person","action":"delete",'
+            b'"identifiers":{"email":"ann@example.com"}}',
+        ),
+        (
+            "suppress",
+            b"ann@example.com",
+            b'{"type":"person","action":"suppress",'
+            b'"identifiers":{"email":"ann@example.com"}}',
+        ),
+    ],
+)
+def test_to_item_person_tombstone_policy_builds_entry(
+    person_schema: Any, policy: Any, key: bytes, expected: bytes
+) -> None:
+    """With delete or suppress, a person tombstone acts on the person its key names."""
+    route = TopicRoute(Kind.PERSON, AvroDecoder(person_schema), tombstones=policy)
+
+    item = to_item(FakeMessage(None, key_bytes=key), route)
+
+    assert item.reject is None
+    assert item.entry == expected
+
+
+def test_to_item_person_tombstone_ignored_by_default_is_skipped(
+    person_route: TopicRoute,
+) -> None:
+    """By default a person tombstone is skipped: no entry, no reject, logged DEBUG."""
+    with capture_logs() as logs:
+        item = to_item(FakeMessage(None, offset_number=4), person_route)
+
+    assert (item.entry, item.reject, item.skipped) == (None, None, True)
+    assert [(e["event"], e["log_level"]) for e in logs] == [
+        ("tombstone_skipped", "debug")
+    ]
+
+
+@pytest.mark.parametrize("key", [None, b"", b"\xff"])
+def test_to_item_person_tombstone_delete_without_key_rejected(
+    person_schema: Any, key: bytes | None
+) -> None:
+    """A tombstone to delete a person must carry that person's key."""
+    route = TopicRoute(Kind.PERSON, AvroDecoder(person_schema), tombstones="delete")
+
+    item = to_item(FakeMessage(None, key_bytes=key), route)
+
+    assert item.reject is not None
+    assert (item.reject.stage, item.reject.reason, item.reject.field) == (
+        "validate",
+        "missing_identifier",
+        "key",
+    )
+
+
+@pytest.mark.parametrize("policy", ["ignore", "delete", "suppress"])
+def test_to_item_event_tombstone_dead_lettered(event_schema: Any, policy: Any) -> None:
+    """A tombstone on the event topic is refused, whatever the person policy."""
+    route = TopicRoute(Kind.EVENT, AvroDecoder(event_schema), tombstones=policy)
+
+    item = to_item(FakeMessage(None, topic_name="person-events"), route)
+
+    assert item.reject is not None
+    assert (item.reject.stage, item.reject.reason) == ("decode", "tombstone")
+    assert not item.skipped
+
+
+def test_to_item_two_events_for_one_person_without_id_distinct_ids(
+    event_schema: Any, event_route: TopicRoute
+) -> None:
+    """Two id-less events of one person get two ids; replaying one repeats its id."""
+    value = encode(event_schema, {"person_email": "a@x.io", "event_name": "login"})
+
+    def entry_id(offset: int) -> str:
+        message = FakeMessage(value, topic_name="e", offset_number=offset)
+        item = to_item(message, event_route)
+        assert item.entry is not None
+        return str(json.loads(item.entry)["id"])
+
+    first, second, replay = entry_id(10), entry_id(11), entry_id(10)
+
+    assert first != second
+    assert first == replay
+
+
+def test_to_item_framed_value_decoded_by_registry_schema(person_schema: Any) -> None:
+    """A framed value on a confluent route decodes with its writer schema."""
+    registry = FakeRegistry({5: person_schema})
+    route = TopicRoute(Kind.PERSON, FramedDecoder(person_schema, registry))
+    value = encode_framed(5, person_schema, {"person_email": "a@x.io", "plan": "p"})
+
+    item = to_item(FakeMessage(value), route)
+
+    assert item.entry is not None
+    assert json.loads(item.entry)["attributes"] == {"plan": "p"}
+
+
+def test_to_item_registry_down_raises_transient_error(person_schema: Any) -> None:
+    """An outage of the registry is not a reject: TransientError reaches the loop."""
+    route = TopicRoute(
+        Kind.PERSON, FramedDecoder(person_schema, FakeRegistry({}, down=True))
+    )
+    value = encode_framed(5, person_schema, {"person_email": "a@x.io"})
+
+    with pytest.raises(TransientError):
+        to_item(FakeMessage(value), route)
+
+
+def test_to_item_limits_reject_names_every_problem(
+    person_schema: Any, person_route: TopicRoute
+) -> None:
+    """A record breaking several limits gets one reject that lists all of them."""
+    record = {
+        "person_email": "a@x.io",
+        "first_name": "é" * 501,
+        "attributes": {"n" * 151: "v", "ok": "fine"},
+    }
+
+    item = to_item(FakeMessage(encode(person_schema, record)), person_route)
+
+    assert item.reject is not None
+    assert item.reject.reason == "attribute_name_too_long"
+    assert "attribute_value_too_long" in item.reject.message
+    assert "attributes.first_name" in item.reject.message
+
+
+def routes_from(monkeypatch: pytest.MonkeyPatch, **env: str) -> dict[str, TopicRoute]:
+    monkeypatch.chdir(ROOT)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return build_routes(load_settings())
+
+
+def test_build_routes_defaults_plain_avro_by_email(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """By default both topics are plain Avro and people are keyed by email."""
+    routes = routes_from(monkeypatch)
+
+    person, event = routes["persons"], routes["person-events"]
+    assert isinstance(person.decoder, AvroDecoder)
+    assert isinstance(event.decoder, AvroDecoder)
+    assert (person.kind, event.kind) == (Kind.PERSON, Kind.EVENT)
+    assert person.mapping.identifier_type == "email"
+    assert person.mapping.identifier_field == "person_email"
+    assert person.tombstones == "ignore"
+
+
+def test_build_routes_settings_choose_identity_framing_and_policy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Identity, framing and tombstone settings reach the topic routes."""
+    routes = routes_from(
+        monkeypatch,
+        CIO_MAPPING__EVENT_IDENTIFIER="id",
+        CIO_MAPPING__PERSON_IDENTIFIER="cio_id",
+        CIO_MAPPING__PERSON_TOMBSTONES="suppress",
+        CIO_SCHEMAS__PERSON_FORMAT="confluent",
+        CIO_SCHEMAS__EVENT_FORMAT="auto",
+        CIO_SCHEMAS__REGISTRY_URL="http://127.0.0.1:1",
+    )
+
+    person, event = routes["persons"], routes["person-events"]
+    assert isinstance(person.decoder, FramedDecoder)
+    assert isinstance(event.decoder, FramedDecoder)
+    assert person.mapping.identifier_type == "cio_id"
+    assert event.mapping.identifier_type == "id"
+    assert person.tombstones == "suppress"
+
+
+def test_build_routes_unknown_identifier_field_raises_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An identifier field the schema lacks stops start-up, naming the setting."""
+    with pytest.raises(ConfigError) as caught:
+        routes_from(monkeypatch, CIO_MAPPING__PERSON_IDENTIFIER_FIELD="person_id")
+
+    assert "person_id" in str(caught.value)
+    assert "CIO_MAPPING__PERSON_IDENTIFIER_FIELD" in str(caught.value)
+
+
+def test_build_routes_auto_without_registry_reads_plain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The auto format without a registry reads every value as plain Avro."""
+    routes = routes_from(monkeypatch, CIO_SCHEMAS__PERSON_FORMAT="auto")
+
+    assert isinstance(routes["persons"].decoder, AvroDecoder)
+
+
+def test_build_routes_confluent_without_registry_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The confluent format needs a registry URL: a configuration error."""
+    with pytest.raises(ConfigError) as caught:
+        routes_from(monkeypatch, CIO_SCHEMAS__EVENT_FORMAT="confluent")
+
+    assert "CIO_SCHEMAS__REGISTRY_URL" in str(caught.value)

@@ -1,0 +1,181 @@
+"""Unit tests of worker.registry: writer schemas by id, cached, with retries."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from worker.errors import DecodeError, TransientError
+from worker.registry import RETRY_ATTEMPTS, UNKNOWN_ID_TTL_S, SchemaRegistry
+
+SCHEMA = {
+    "type": "record",
+    "name": "Person",
+    "namespace": "io.cioworker",
+    "fields": [{"name": "person_email", "type": "string"}],
+}
+URL = "http://127.0.0.1:8081"
+
+
+class FakeGet:
+    """Answers GETs from a script: (status, body) tuples or exceptions, in turn."""
+
+    def __init__(self, *answers: tuple[int, Any] | Exception) -> None:
+        self.answers = list(answers)
+        self.urls: list[str] = []
+
+    def __call__(self, url: str) -> tuple[int, bytes]:
+        self.urls.append(url)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        status, body = answer
+        if not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+        return status, body
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def registry(get: FakeGet, clock: Clock | None = None) -> SchemaRegistry:
+    return SchemaRegistry(URL + "/", get, sleep=lambda _: None, clock=clock or Clock())
+
+
+def found(schema: Any = SCHEMA) -> tuple[int, Any]:
+    return 200, {"schema": json.dumps(schema)}
+
+
+def test_writer_schema_fetched_once_per_id() -> None:
+    """An id's schema is fetched on first use and served from the cache after."""
+    get = FakeGet(found())
+    schemas = registry(get)
+
+    first = schemas.writer_schema(7)
+    second = schemas.writer_schema(7)
+
+    assert first is second
+    assert first["name"] == "io.cioworker.Person"
+    assert get.urls == [f"{URL}/schemas/ids/7"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ((404, {"error_code": 40403, "message": "not found"}), "unknown_schema_id"),
+        ((200, {"schema": "{}", "schemaType": "PROTOBUF"}), "not_avro_schema"),
+        ((200, {"schema": '"string"', "schemaType": "JSON"}), "not_avro_schema"),
+        ((200, {"schema": "not json"}), "bad_writer_schema"),
+        ((200, {"schema": '{"type": "record"}'}), "bad_writer_schema"),
+        ((200, {"schema": '{"type": "nosuch"}'}), "bad_writer_schema"),
+        (
+            (200, {"schema": json.dumps(SCHEMA), "references": [{"name": "x"}]}),
+            "unsupported_schema_references",
+        ),
+    ],
+)  # fmt: skip
+def test_writer_schema_bad_answer_raises_decode_error(
+    answer: tuple[int, Any], reason: str
+) -> None:
+    """Answers that say the record is unreadable are bad data, not an outage."""
+    with pytest.raises(DecodeError) as caught:
+        registry(FakeGet(answer)).writer_schema(9)
+
+    assert caught.value.reason == reason
+    assert caught.value.stage == "decode"
+    assert "9" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ConnectionRefusedError("refused"),
+        TimeoutError("timed out"),
+        OSError("no route"),
+        (500, b"oops"),
+        (503, b""),
+        (429, b""),
+        (401, b""),
+        (200, b"<html>proxy</html>"),
+        (200, {"no": "schema"}),
+        (200, {"schema": 42}),
+    ],
+)
+def test_writer_schema_registry_down_raises_transient_after_retries(
+    failure: tuple[int, Any] | Exception,
+) -> None:
+    """Connection errors and non-404 failures are retried, then TransientError."""
+    get = FakeGet(failure)
+
+    with capture_logs() as logs, pytest.raises(TransientError) as caught:
+        registry(get).writer_schema(3)
+
+    assert len(get.urls) == RETRY_ATTEMPTS
+    retries = [e for e in logs if e["event"] == "schema_registry_retry"]
+    assert len(retries) == RETRY_ATTEMPTS - 1
+    assert all(e["log_level"] == "warning" and e["schema_id"] == 3 for e in retries)
+    assert "schema id 3" in str(caught.value)
+    assert not isinstance(caught.value, DecodeError)
+
+
+def test_writer_schema_recovers_after_transient_failures() -> None:
+    """A registry back within the retries answers and the schema is cached."""
+    get = FakeGet(OSError("down"), (502, b""), found())
+    schemas = registry(get)
+
+    schema = schemas.writer_schema(5)
+
+    assert schema["name"] == "io.cioworker.Person"
+    assert len(get.urls) == 3
+    schemas.writer_schema(5)
+    assert len(get.urls) == 3
+
+
+def test_writer_schema_backoff_is_bounded() -> None:
+    """Every wait between attempts stays within the documented maximum."""
+    waits: list[float] = []
+    schemas = SchemaRegistry(URL, FakeGet(OSError("down")), sleep=waits.append)
+
+    with pytest.raises(TransientError):
+        schemas.writer_schema(1)
+
+    assert len(waits) == RETRY_ATTEMPTS - 1
+    assert all(0 <= w <= 5.0 for w in waits)
+
+
+def test_writer_schema_unknown_id_remembered_for_ttl() -> None:
+    """A 404 is not asked again until the TTL passes, then it is."""
+    clock = Clock()
+    get = FakeGet((404, b"{}"), (404, b"{}"), found())
+    schemas = registry(get, clock)
+
+    for _ in range(3):
+        with pytest.raises(DecodeError):
+            schemas.writer_schema(11)
+    assert len(get.urls) == 1
+
+    clock.now += UNKNOWN_ID_TTL_S + 1
+    with pytest.raises(DecodeError):
+        schemas.writer_schema(11)
+    assert len(get.urls) == 2
+
+
+def test_writer_schema_refusal_raised_afresh_each_time() -> None:
+    """A cached refusal is a new exception each time, so tracebacks never pile up."""
+    schemas = registry(FakeGet((200, {"schema": "{", "schemaType": "AVRO"})))
+
+    with pytest.raises(DecodeError) as first:
+        schemas.writer_schema(2)
+    with pytest.raises(DecodeError) as second:
+        schemas.writer_schema(2)
+
+    assert first.value is not second.value
+    assert first.value.reason == second.value.reason == "bad_writer_schema"
