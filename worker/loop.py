@@ -18,7 +18,9 @@ The loop reads one of three sources:
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -227,14 +229,20 @@ class Worker:
         consumer.assign(starts)
 
     def _transactional_id(self) -> str:
-        import os
-        import socket
+        """A stable id when the replica has a stable identity, else a unique one.
 
-        prefix = self.settings.state.transactional_id or (
-            f"{self.settings.kafka.group_id}-{socket.gethostname()}"
-        )
-        role = "range" if self._ranges else "group"
-        return f"{prefix}-{role}-{os.getpid()}"
+        With a stable id, a restarted replica's ``init_transactions`` aborts the
+        transaction its killed predecessor left open, at once. With a per-process
+        id that transaction blocks read_committed readers of the state topic
+        until ``transaction_timeout_ms`` ends it.
+        """
+        state, kafka = self.settings.state, self.settings.kafka
+        stable = state.transactional_id or kafka.group_instance_id
+        if self._ranges is not None:
+            return f"{kafka.group_id}-{socket.gethostname()}-range-{os.getpid()}"
+        if stable:
+            return f"{kafka.group_id}-{stable}"
+        return f"{kafka.group_id}-{socket.gethostname()}-{os.getpid()}"
 
     def _check_topics(self, consumer: Consumer) -> int:
         """Check every topic exists; return the widest input topic's partitions."""

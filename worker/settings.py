@@ -55,6 +55,18 @@ class KafkaSettings(_Section):
     dead_letter_topic: str = Field(
         "cio-dead-letters", description="Topic that receives rejected records."
     )
+    group_instance_id: str = Field(
+        "",
+        description=(
+            "Static membership (group.instance.id): a replica restarted with the same "
+            "id takes its partitions back without a rebalance. Unique per replica."
+        ),
+    )
+    session_timeout_ms: int = Field(
+        45_000,
+        ge=6_000,
+        description="How long the group waits for a silent member before rebalancing.",
+    )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a group with no committed offset starts."
     )
@@ -148,12 +160,19 @@ class StateSettings(_Section):
     transactional_id: str = Field(
         "",
         description=(
-            "Kafka transactional.id prefix; empty: <group_id>-<host>. A stable value "
-            "per replica (e.g. the pod name) fences a restarted replica's zombie."
+            "Stable per-replica identity for transactional.id (e.g. the pod name); "
+            "empty: group_instance_id if set, else unique per process. A stable id "
+            "lets a restarted replica abort its killed predecessor's transaction "
+            "at once."
         ),
     )
     transaction_timeout_ms: int = Field(
-        60_000, ge=1000, description="Kafka transaction.timeout.ms."
+        10_000,
+        ge=1000,
+        description=(
+            "Kafka transaction.timeout.ms: the longest a killed replica's open "
+            "transaction can hold up readers when its id is not stable."
+        ),
     )
 
 
@@ -456,11 +475,14 @@ def kafka_client_config(
     }
     config.update(kafka.properties)
     if role == "consumer":
+        if kafka.group_instance_id:
+            config["group.instance.id"] = kafka.group_instance_id
         config.update(
             {
                 "group.id": kafka.group_id,
                 "auto.offset.reset": kafka.auto_offset_reset,
                 "partition.assignment.strategy": "cooperative-sticky",
+                "session.timeout.ms": kafka.session_timeout_ms,
                 "isolation.level": "read_committed",
                 # Offsets move only after delivery; the worker commits them itself.
                 "enable.auto.commit": False,
