@@ -40,8 +40,8 @@ from worker.archive_format import (
     plan_cut,
     retry_delay_s,
 )
-from worker.avro import AvroDecoder, load_schema
-from worker.errors import ConfigError, InvalidRecordError, TransientError, WorkerError
+from worker.errors import ConfigError, TransientError, WorkerError
+from worker.pipeline import build_routes
 from worker.rejects import StoredDeadLetter
 from worker.s3 import ObjectStore
 from worker.settings import Settings, kafka_client_config
@@ -98,14 +98,9 @@ class Archiver:
         self._limits = FlushLimits(
             archive.max_records, archive.max_bytes, archive.max_age_s
         )
-        self._decoders = {
-            settings.kafka.person_topic: AvroDecoder(
-                load_schema(settings.schemas.person)
-            ),
-            settings.kafka.event_topic: AvroDecoder(
-                load_schema(settings.schemas.event)
-            ),
-        }
+        # The worker's own decoders (plain or registry-framed Avro), so a line's
+        # "decoded" is what the worker saw.
+        self._routes = build_routes(settings)
         self._partitions: dict[int, PartitionArchive] = {}
         self._stop_requested = threading.Event()
         self._closing = False
@@ -139,8 +134,7 @@ class Archiver:
                     log.info("caught_up")
                     break
             log.info("archiver_stopping", buffered=self._buffered())
-            for part in list(self._partitions.values()):
-                self._flush(consumer, part, self._clock(), draining=True)
+            self._drain(consumer)
         finally:
             self._closing = True
             consumer.close()
@@ -230,7 +224,7 @@ class Archiver:
             part.failures += 1
             delay = retry_delay_s(part.failures)
             part.retry_at = now + delay
-            log.error(
+            log.warning(
                 "archive_paused",
                 partition=part.partition,
                 first_offset=part.start,
@@ -273,6 +267,33 @@ class Archiver:
             )
         return objects
 
+    def _drain(self, consumer: Consumer) -> None:
+        """Store every range that can be stored now, then commit drained ends."""
+        for part in list(self._partitions.values()):
+            while part.records:
+                before = part.start
+                self._flush(consumer, part, self._clock(), draining=True)
+                if part.start == before:  # failed, or a chunk set still open
+                    break
+        self._commit_idle_positions(consumer)
+
+    def _commit_idle_positions(self, consumer: Consumer) -> None:
+        """Move a drained partition's offset to its end, past transaction
+        markers, so the group's lag reads zero; the next range starts there."""
+        for part in self._partitions.values():
+            if part.records or part.cut is not None or part.eof is None:
+                continue
+            if part.start is not None and part.eof <= part.start:
+                continue
+            try:
+                self._commit(consumer, part.partition, part.eof, "")
+            except TransientError as exc:
+                log.warning(
+                    "archive_commit_failed", partition=part.partition, error=str(exc)
+                )
+                continue
+            part.start = part.eof
+
     def _cut_reachable(self, part: PartitionArchive) -> bool:
         """Whether a range end taken over from a previous owner has been read."""
         assert part.cut is not None
@@ -304,12 +325,15 @@ class Archiver:
             )
 
     def _decode(self, topic: str, value: bytes | None) -> dict[str, Any] | None:
-        decoder = self._decoders.get(topic)
-        if decoder is None:
+        """The record as the worker decodes it, or None. Best effort: a value
+        that does not decode, or a schema registry that cannot answer now,
+        leaves "decoded" null rather than holding the archive back."""
+        route = self._routes.get(topic)
+        if route is None:
             return None
         try:
-            return decoder.decode(value)
-        except InvalidRecordError:
+            return route.decoder.decode(value)
+        except WorkerError:
             return None
 
     def _count_and_log(

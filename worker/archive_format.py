@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.rejects import Rejected, StoredDeadLetter, assemble, settled_through
+from worker.rejects import Assembler, Rejected, StoredDeadLetter, assemble
 
 CUT_METADATA = "cio.archive.cut="
 # How long an incomplete chunk set may hold back the rest of its partition: the
@@ -80,15 +80,25 @@ def plan_cut(
 ) -> int | None:
     """The last offset of the range to archive now, or None to wait.
 
-    The range ends after the last record that leaves no chunk set open; if the
-    very first record opens a set that has waited ``chunk_wait_s``, the range
-    takes everything buffered and the incomplete set goes as fragments.
+    A range holds at most ``max_records`` records or about ``max_bytes`` bytes
+    and ends after a record that leaves no chunk set open (past the limit when
+    a set straddles it). If
+    the very first record opens a set that has waited ``chunk_wait_s``, the
+    range takes everything buffered and the incomplete set goes as fragments.
     """
     if not records or not due:
         return None
-    settled = settled_through(records)
-    if settled is not None:
-        return settled
+    assembler = Assembler()
+    cut, size = None, 0
+    for count, record in enumerate(records, start=1):
+        assembler.add(record)
+        size += record.size
+        if assembler.is_settled:
+            cut = record.offset
+            if count >= limits.max_records or size >= limits.max_bytes:
+                break
+    if cut is not None:
+        return cut
     if now - read_at[0] >= limits.chunk_wait_s:
         return records[-1].offset
     return None

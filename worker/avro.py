@@ -194,7 +194,7 @@ def _canonical(schema: Schema) -> str:
 
 def _resolution_error(exc: SchemaResolutionError) -> DecodeError:
     text = str(exc)
-    if "not found in reader symbol list" in text:
+    if "not found in reader symbol list" in text:  # fastavro's words; see below
         return DecodeError(
             "unknown_enum_symbol",
             f"an enum symbol the reader schema lacks and has no default for: {text}",
@@ -211,7 +211,9 @@ def _read_error(value: bytes, exc: Exception) -> DecodeError:
     fastavro tells a value cut short only by its message: an EOFError for a
     length past the end ("Expected 36 bytes, read 4"), an IndexError out of the
     varint reader ("string index out of range"). A negative length or a union
-    or enum index out of range is damage, not truncation.
+    or enum index out of range is damage, not truncation. Should fastavro word
+    these differently one day, such values fall back to ``bad_avro``: the reason
+    gets vaguer, the record is still dead-lettered.
     """
     if _looks_like_json(value):
         return _json_error()

@@ -59,7 +59,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_replay(commands)
     _add_offsets(commands)
     _add_dlq(commands)
+    _add_archive_and_check(commands)
     return parser
+
+
+def _add_archive_and_check(commands: Any) -> None:
+    archive = commands.add_parser(
+        "archive",
+        help="copy the dead-letter topic to S3 as gzip JSON Lines",
+        description=(
+            "Consume the dead-letter topic in the archiver's own group and store it "
+            "in the [archive] bucket (see docs/rejects.md). Exit codes: 0 stopped "
+            "cleanly or caught up, 1 failed, 2 bad configuration."
+        ),
+    )
+    archive.add_argument(
+        "--until-caught-up",
+        action="store_true",
+        help="exit 0 once everything up to the end offsets seen at start is stored",
+    )
+    commands.add_parser(
+        "check",
+        help="check the broker, the Track API credentials, the schemas and S3",
+        description=(
+            "One line per check; every failure says what to fix. Exit codes: 0 all "
+            "passed, 1 a check failed, 2 bad configuration."
+        ),
+    )
 
 
 def _add_position_options(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -187,16 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cio-worker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "archive":
+        return _archive(settings, until_caught_up=args.until_caught_up)
+    if args.command == "check":
+        return _check(settings)
     return _run(settings, until_caught_up=args.until_caught_up)
 
 
 def _run(settings: Settings, *, until_caught_up: bool) -> int:
+    from worker.archive import background_archiver
     from worker.loop import Worker  # imported late: keeps `config show` light
 
     try:
         worker = Worker(settings, until_caught_up=until_caught_up)
         worker.install_signal_handlers()
-        counters = worker.run()
+        with background_archiver(settings):  # a no-op unless [archive] enabled
+            counters = worker.run()
     except ConfigError as exc:
         log.error("configuration_error", error=str(exc))
         print(f"cio-worker: configuration error: {exc}", file=sys.stderr)
@@ -206,3 +238,29 @@ def _run(settings: Settings, *, until_caught_up: bool) -> int:
         return EXIT_FAILED
     print(json.dumps(counters.as_dict()), flush=True)
     return EXIT_OK
+
+
+def _archive(settings: Settings, *, until_caught_up: bool) -> int:
+    from worker.archive import Archiver  # imported late: boto3 loads slowly
+
+    try:
+        archiver = Archiver(settings, until_caught_up=until_caught_up)
+        archiver.install_signal_handlers()
+        counters = archiver.run()
+    except ConfigError as exc:
+        log.error("configuration_error", error=str(exc))
+        print(f"cio-worker: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except WorkerError as exc:
+        log.error("archiver_failed", error=str(exc), exc_info=True)
+        return EXIT_FAILED
+    print(json.dumps(counters.as_dict()), flush=True)
+    return EXIT_OK
+
+
+def _check(settings: Settings) -> int:
+    from worker.check import format_results, run_checks
+
+    results = run_checks(settings)
+    print(format_results(results), flush=True)
+    return EXIT_OK if all(result.passed for result in results) else EXIT_FAILED

@@ -41,7 +41,7 @@ from confluent_kafka.admin import AdminClient
 from worker.batcher import Batch, BatchLimits, Item, PartitionBuffer
 from worker.committer import Committer, DeadLetter
 from worker.delivery import AbandonedError, Deliverer, Outcome
-from worker.errors import ConfigError, WorkerError
+from worker.errors import ConfigError, TransientError, WorkerError
 from worker.mapping import serialize
 from worker.pipeline import build_routes, to_item
 from worker.rejects import Reject, dead_letter_records
@@ -59,6 +59,9 @@ CONSUME_BATCH = 1000
 SHUTDOWN_DEADLINE_S = 30.0
 METADATA_TIMEOUT_S = 10.0
 EXPIRY_INTERVAL_S = 60.0
+# Waits before re-reading a partition held by a passing fault, doubling to a cap.
+HOLD_FIRST_S = 1.0
+HOLD_MAX_S = 30.0
 
 TP = tuple[str, int]
 
@@ -149,6 +152,8 @@ class Worker:
         self._buffers: dict[TP, PartitionBuffer] = {}
         self._in_flight: dict[Future[Outcome], Batch] = {}
         self._paused: set[TP] = set()
+        self._held: dict[TP, float] = {}
+        self._hold_count: dict[TP, int] = {}
         self._revoking: set[TP] = set()
         self._eof: dict[TP, int] = {}
         self._end: dict[TP, int] = {}
@@ -299,6 +304,7 @@ class Worker:
         self._settle_done(wait_s=0)
         self._launch_ready(self._clock())
         self._apply_backpressure()
+        self._release_held(self._clock())
         self._expire_events()
         if self._progress is not None:
             self._progress(self.counters.consumed)
@@ -315,8 +321,8 @@ class Worker:
             log.warning("kafka_error", code=error.name(), error=error.str())
             return
         buffer = self._buffers.get(tp)
-        if buffer is None:  # a message for a partition revoked meanwhile
-            return
+        if buffer is None or tp in self._held:
+            return  # revoked meanwhile, or waiting to re-read from a held offset
         offset = message.offset()
         if tp in self._end and offset >= self._end[tp]:
             self._eof[tp] = self._end[tp]  # past the range: this partition is done
@@ -328,16 +334,45 @@ class Worker:
                 return  # filtered out: neither consumed nor committed
             if self._ranges.wrap is not None:
                 record = self._ranges.wrap(message)
-        self.counters.consumed += 1
         route = self._routes.get(record.topic())
         if route is None:
+            self.counters.consumed += 1
             reject = Reject("decode", "unknown_topic", "not a person or event topic")
             buffer.add(Item(offset, record, reject=reject), now)
             return
-        item = to_item(record, route)
+        try:
+            item = to_item(record, route)
+        except TransientError as exc:
+            self._hold(tp, offset, now, exc)
+            return
+        self.counters.consumed += 1
         item.offset = offset
         self._dedupe(item, record.partition())
         buffer.add(item, now)
+
+    def _hold(self, tp: TP, offset: int, now: float, exc: Exception) -> None:
+        """Stop a partition at a record that hit a passing fault (the schema
+        registry is down): pause it and re-read from that offset later, so
+        nothing is skipped and nothing is dead-lettered for the outage."""
+        assert self._consumer is not None
+        wait_s = min(HOLD_MAX_S, HOLD_FIRST_S * 2 ** self._hold_count.get(tp, 0))
+        self._hold_count[tp] = self._hold_count.get(tp, 0) + 1
+        self._held[tp] = now + wait_s
+        partition = TopicPartition(tp[0], tp[1], offset)
+        self._consumer.pause([partition])
+        self._consumer.seek(partition)
+        log.warning(
+            "partition_held", topic=tp[0], partition=tp[1], offset=offset,
+            wait_s=wait_s, error=str(exc),
+        )  # fmt: skip
+
+    def _release_held(self, now: float) -> None:
+        assert self._consumer is not None
+        for tp, until in list(self._held.items()):
+            if now >= until:
+                del self._held[tp]
+                if tp not in self._paused:
+                    self._consumer.resume([TopicPartition(*tp)])
 
     def _dedupe(self, item: Item, state_partition: int) -> None:
         """Decide from the state whether the item's entry must be sent."""
@@ -360,6 +395,8 @@ class Worker:
                 entry["attributes"] = decision.attributes
                 item.entry = serialize(entry)
             item.state_update = decision.update
+        elif action in ("delete", "suppress") and "identifiers" in entry:
+            item.state_update = state.forget_person(entry["identifiers"])
         elif action == "event" and entry.get("id"):
             now_s = int(self._wall_clock())
             skip, update = state.decide_event(entry["id"], self._event_dedupe, now_s)
@@ -535,8 +572,9 @@ class Worker:
                 self._consumer.pause([TopicPartition(*tp)])
                 self._paused.add(tp)
             elif tp in self._paused and buffer.buffered_bytes <= cap // 2:
-                self._consumer.resume([TopicPartition(*tp)])
                 self._paused.discard(tp)
+                if tp not in self._held:
+                    self._consumer.resume([TopicPartition(*tp)])
 
     def _caught_up(self) -> bool:
         if not self._buffers or self._in_flight:

@@ -8,10 +8,11 @@ rules, documented for users in ``docs/mapping.md``:
   from one record field (``person_email`` by default). An integer is accepted
   for ``id`` and sent as text.
 - The fields an entry carries itself (the identifier, ``event_name``,
-  ``event_id``, ``timestamp``) are never sent as attributes, whether they are
-  named fields or keys of the free-form map.
-- Every other field becomes an attribute (person) or event data (event). Null
-  values are left out, so an absent optional field never clears an attribute.
+  ``event_id``, ``timestamp``) are not sent again as attributes. Of the
+  free-form map's keys only the identifier's is left out.
+- Every other field becomes an attribute (person) or event data (event). A
+  null field or map value is left out, so an absent optional field never
+  clears an attribute; inside arrays and other maps a null stays JSON null.
 - A field holding a record is flattened: ``address: {city: "Oslo"}`` becomes the
   attribute ``address.city``. Maps and arrays stay JSON objects and arrays.
 - The map field ``attributes`` (person) or ``data`` (event) is merged beside the

@@ -11,7 +11,7 @@ registry is down) is not caught: the record is fine and must not be settled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -54,7 +54,8 @@ class TopicRoute:
 
     kind: Kind
     decoder: Decoder
-    mapping: TopicMapping = field(default=None)  # type: ignore[assignment]
+    # None is replaced in __post_init__, so readers always see a TopicMapping.
+    mapping: TopicMapping = None  # type: ignore[assignment]
     tombstones: TombstonePolicy = "ignore"
 
     def __post_init__(self) -> None:

@@ -108,6 +108,8 @@ class SchemaRegistry:
             return _unknown(schema_id)
         result = _parse_answer(schema_id, payload)
         self._known[schema_id] = result
+        refused = result.reason if isinstance(result, _Refusal) else None
+        log.info("writer_schema_fetched", schema_id=schema_id, refused=refused)
         return result
 
     def _fetch(self, schema_id: int) -> dict[str, Any] | None:

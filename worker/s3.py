@@ -36,7 +36,8 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from worker.errors import TransientError
@@ -116,9 +117,8 @@ class ObjectStore:
         """Store one object, retrying transient failures; raises ArchiveError."""
         retrying = Retrying(
             stop=stop_after_attempt(self._put_attempts),
-            wait=wait_exponential_jitter(
-                initial=PUT_WAIT_INITIAL_S, max=PUT_WAIT_MAX_S
-            ),
+            wait=wait_exponential(multiplier=PUT_WAIT_INITIAL_S, max=PUT_WAIT_MAX_S)
+            + wait_random(0, PUT_WAIT_INITIAL_S),
             retry=retry_if_exception(
                 lambda exc: isinstance(exc, ArchiveError) and exc.transient
             ),

@@ -97,6 +97,8 @@ def restore(
             "enable.partition.eof": True,
             "isolation.level": "read_committed",
             "auto.offset.reset": "earliest",
+            # Bounds the fetch buffer while restoring; state records are small.
+            "queued.max.messages.kbytes": 16384,
         }
     )
     started = clock()

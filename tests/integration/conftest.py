@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.s3_server import archive_env, s3_bucket, s3_endpoint  # noqa: F401
 from worker.sandbox.broker import LocalBroker, default_home
 from worker.sandbox.sample import create_topics
 from worker.sandbox.simulator import TrackSimulator

@@ -6,7 +6,13 @@ import time
 import uuid
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
@@ -23,16 +29,20 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 
 
 def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    """The group's committed offset for every partition of a topic (-1001: none)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        committed = consumer.committed(
-            [TopicPartition(topic, p) for p in partitions], timeout=10
-        )
-        return {tp.partition: tp.offset for tp in committed}
-    finally:
-        consumer.close()
+    """The group's committed offset for every partition of a topic (-1001: none).
+
+    Read without waiting for open transactions (require_stable false), so a
+    killed worker's unfinished transaction does not hold the answer up.
+    """
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    partitions = admin.list_topics(topic, timeout=10).topics[topic].partitions
+    request = ConsumerGroupTopicPartitions(
+        group, [TopicPartition(topic, p) for p in partitions]
+    )
+    result = admin.list_consumer_group_offsets(
+        [request], require_stable=False, request_timeout=10
+    )[group].result()
+    return {tp.partition: tp.offset for tp in result.topic_partitions}
 
 
 def read_all(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Any]:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from worker.errors import DecodeError, TransientError
+from worker.errors import ConfigError, DecodeError, TransientError
 from worker.registry import RETRY_ATTEMPTS, UNKNOWN_ID_TTL_S, SchemaRegistry
+from worker.settings import load_settings
 
 SCHEMA = {
     "type": "record",
@@ -179,3 +181,64 @@ def test_writer_schema_refusal_raised_afresh_each_time() -> None:
 
     assert first.value is not second.value
     assert first.value.reason == second.value.reason == "bad_writer_schema"
+
+
+# -- the registry settings -----------------------------------------------------------
+
+
+def test_settings_registry_password_from_environment_masked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The registry password comes from the environment and is shown masked."""
+    monkeypatch.setenv("CIO_SCHEMAS__REGISTRY_URL", URL)
+    monkeypatch.setenv("CIO_SCHEMAS__REGISTRY_USERNAME", "reader")
+    monkeypatch.setenv("CIO_SCHEMAS__REGISTRY_PASSWORD", "s3cret-pw")
+
+    settings = load_settings(_empty_config(tmp_path))
+
+    password = settings.schemas.registry_password
+    assert password is not None
+    assert password.get_secret_value() == "s3cret-pw"
+    shown = json.dumps(settings.redacted()) + repr(settings)
+    assert "s3cret-pw" not in shown
+    assert settings.redacted()["schemas"]["registry_username"] == "reader"
+
+
+def test_settings_registry_password_in_file_refused(tmp_path: Path) -> None:
+    """A config file that holds the registry password is refused."""
+    path = tmp_path / "worker.toml"
+    path.write_text(
+        f'[schemas]\nregistry_url = "{URL}"\nregistry_password = "s3cret-pw"\n'
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    assert "CIO_SCHEMAS__REGISTRY_PASSWORD" in str(caught.value)
+    assert "s3cret-pw" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://user:pw@127.0.0.1:8081", "must not hold credentials"),
+        ("ftp://127.0.0.1", "http:// or https://"),
+        ("127.0.0.1:8081", "http:// or https://"),
+    ],
+)
+def test_settings_bad_registry_url_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str, message: str
+) -> None:
+    """A registry URL must be http(s) and carry no credentials."""
+    monkeypatch.setenv("CIO_SCHEMAS__REGISTRY_URL", url)
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_empty_config(tmp_path))
+
+    assert message in str(caught.value)
+
+
+def _empty_config(tmp_path: Path) -> Path:
+    path = tmp_path / "worker.toml"
+    path.write_text("")
+    return path
