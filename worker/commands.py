@@ -23,7 +23,7 @@ from confluent_kafka.admin import AdminClient
 from worker.errors import ConfigError, WorkerError
 from worker.loop import Ranges, Worker
 from worker.progress import Progress
-from worker.redrive import RedriveFilter, RedrivenRecord
+from worker.redrive import RedriveFilter, RedriveReader
 from worker.replay import (
     Position,
     committed_offsets,
@@ -74,7 +74,7 @@ def redrive(settings: Settings, args: argparse.Namespace) -> int:
     log.info("redrive_planned", plan=describe_plan(ranges), dead_letters=total)
     progress = Progress("redrive", total)
     return _run_ranges(
-        settings, Ranges(ranges, wrap=RedrivenRecord, keep=keep), False, progress
+        settings, Ranges(ranges, wrap=RedriveReader(), keep=keep), False, progress
     )
 
 

@@ -97,7 +97,7 @@ class Ranges:
     """
 
     offsets: dict[TP, tuple[int, int]]
-    wrap: Callable[[Any], Any] | None = None
+    wrap: Callable[[Any], Any | None] | None = None
     keep: Callable[[Any], bool] | None = None
 
 
@@ -334,6 +334,8 @@ class Worker:
                 return  # filtered out: neither consumed nor committed
             if self._ranges.wrap is not None:
                 record = self._ranges.wrap(message)
+                if record is None:
+                    return  # part of a chunked dead letter not yet complete
         route = self._routes.get(record.topic())
         if route is None:
             self.counters.consumed += 1

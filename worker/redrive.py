@@ -13,25 +13,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from worker.rejects import HEADER_PREFIX, header_map
+import structlog
+
+from worker.rejects import Assembler, Rejected, StoredDeadLetter, header_map
+
+log = structlog.get_logger(__name__)
 
 TIMESTAMP_CREATE_TIME = 1
 
 
 class RedrivenRecord:
     """A dead letter seen as the record it was, with the same accessors as a
-    Kafka message."""
+    Kafka message: original key, value, headers and coordinates."""
 
-    __slots__ = ("_headers", "_message", "_reasons", "attempts")
+    __slots__ = ("_headers", "_key", "_reasons", "_value", "attempts")
 
-    def __init__(self, message: Any) -> None:
-        self._message = message
-        self._reasons = header_map(message.headers())
-        self._headers = [
-            (k, v)
-            for k, v in message.headers() or []
-            if not k.startswith(HEADER_PREFIX)
-        ]
+    def __init__(self, rejected: Rejected) -> None:
+        first = rejected.first
+        self._reasons = first.reasons()
+        self._headers = first.split_headers()[0]
+        self._key = None if first.keyless else first.key
+        self._value = rejected.value
         self.attempts = _int(self._reasons.get("attempts"), 1) + 1
 
     def topic(self) -> str:
@@ -48,18 +50,36 @@ class RedrivenRecord:
         return (TIMESTAMP_CREATE_TIME if value >= 0 else 0, value)
 
     def key(self) -> bytes | None:
-        key: bytes | None = self._message.key()
-        return key
+        return self._key
 
     def value(self) -> bytes | None:
-        value: bytes | None = self._message.value()
-        return value
+        return self._value
 
-    def headers(self) -> list[tuple[str, bytes]]:
+    def headers(self) -> list[tuple[str, str | bytes | None]]:
         return list(self._headers)
 
     def error(self) -> None:
         return None
+
+
+class RedriveReader:
+    """Turns dead-letter messages into redriven records, joining chunks.
+
+    Returns None for a chunk whose set is not complete yet, and for a fragment
+    (a chunk set that cannot be joined), which stays on the dead-letter topic
+    for a person to look at.
+    """
+
+    def __init__(self) -> None:
+        self._assemblers: dict[int, Assembler] = {}
+
+    def __call__(self, message: Any) -> RedrivenRecord | None:
+        assembler = self._assemblers.setdefault(message.partition(), Assembler())
+        done = assembler.add(StoredDeadLetter.from_message(message))
+        records = [r for r in done if not r.fragment]
+        if len(records) < len(done):
+            log.warning("redrive_fragment_kept", offset=message.offset())
+        return RedrivenRecord(records[-1]) if records else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,11 @@ REGION_URLS = {"us": "https://track.customer.io", "eu": "https://track-eu.custom
 # stricter of the two readings of "kb", so no request can be refused for size.
 MAX_REQUEST_BYTES = 500_000
 SECRET_KEYS = ("site_id", "api_key")
+# Secrets inside sections, also accepted only from the environment.
+SECTION_SECRET_KEYS = {
+    "archive": ("access_key_id", "secret_access_key"),
+    "schemas": ("registry_password",),
+}
 # librdkafka property names that carry credentials, masked when shown.
 SECRET_PROPERTY_WORDS = ("password", "secret", "token", "key")
 REGISTRY_PASSWORD_ENV = "CIO_SCHEMAS__REGISTRY_PASSWORD"  # noqa: S105 (a name)
@@ -455,6 +460,14 @@ def _read_toml(path: Path | None) -> dict[str, Any]:
                 f"config file {path} sets {name}; remove it and set "
                 f"CIO_{name.upper()} in the environment instead"
             )
+    for section, names in SECTION_SECRET_KEYS.items():
+        table = values.get(section)
+        for name in names:
+            if isinstance(table, dict) and name in table:
+                raise ConfigError(
+                    f"config file {path} sets [{section}] {name}; remove it and set "
+                    f"CIO_{section.upper()}__{name.upper()} in the environment instead"
+                )
     return values
 
 

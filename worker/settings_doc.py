@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from worker.settings import Settings
+from worker.settings import SECTION_SECRET_KEYS, Settings
 
 BEGIN_MARKER = "<!-- settings-table:begin -->"
 END_MARKER = "<!-- settings-table:end -->"
@@ -25,9 +25,10 @@ def settings_rows() -> list[tuple[str, str, str, str]]:
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             for key, sub in annotation.model_fields.items():
+                secret = key in SECTION_SECRET_KEYS.get(name, ())
                 rows.append(
                     (
-                        f"[{name}] {key}",
+                        "(environment only)" if secret else f"[{name}] {key}",
                         f"CIO_{name.upper()}__{key.upper()}",
                         _default(sub.get_default(call_default_factory=True)),
                         sub.description or "",

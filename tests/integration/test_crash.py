@@ -124,7 +124,8 @@ def _trial(
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while simulator.snapshot()["stats"]["requests"] < kill_after:
-        assert worker.poll() is None and time.monotonic() < deadline
+        assert worker.poll() is None
+        assert time.monotonic() < deadline
         time.sleep(0.005)
     time.sleep(rng.uniform(0, 0.05))
     worker.send_signal(signal.SIGKILL)

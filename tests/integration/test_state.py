@@ -10,13 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+)
 
 from tests.integration.conftest import ROOT, Topics
 from tests.integration.kafka_tools import committed_offsets, read_all
 from worker.avro import encode, load_schema
 from worker.loop import Worker
 from worker.mapping import Coordinates, derive_event_id
-from worker.rejects import header_map
+from worker.rejects import StoredDeadLetter, assemble, header_map
 from worker.sandbox.sample import Sample, SampleRecord, produce
 from worker.sandbox.simulator import TrackSimulator
 from worker.settings import load_settings
@@ -245,3 +252,42 @@ def test_redrive_delivers_fixed_records_and_returns_failures_with_attempts(
 
     assert repeat.returncode == 0, repeat.stderr
     assert '"consumed": 0' in repeat.stdout
+
+
+def test_redrive_joins_a_chunked_dead_letter_and_chunks_it_again_on_failure(
+    worker_env: dict[str, str],
+    topics: Topics,
+    kafka_bootstrap: str,
+) -> None:
+    """A record too large for one dead letter is redriven whole: joined from its
+    chunks, refused again, and written back as chunks with attempts raised."""
+    huge = {"person_email": "big@example.com", "event_name": "big",
+            "data": {"blob": "z" * 2_500_000}}  # fmt: skip
+    value = encode(EVENT_SCHEMA, huge)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for topic in (topics.event, topics.dead_letter):
+        entry = ConfigEntry(
+            "max.message.bytes", "4000000", incremental_operation=AlterConfigOpType.SET
+        )
+        resource = ConfigResource("topic", topic, incremental_configs=[entry])
+        admin.incremental_alter_configs([resource])[resource].result()
+    producer = Producer(
+        {"bootstrap.servers": kafka_bootstrap, "message.max.bytes": 4_000_000}
+    )
+    producer.produce(topics.event, key=b"big", value=value)
+    assert producer.flush(30) == 0
+    first = Worker(load_settings(), until_caught_up=True).run()
+    assert first.rejected == 1
+
+    result = _cli(worker_env, "dlq", "redrive")
+
+    assert result.returncode == 0, result.stderr
+    rejected = assemble(
+        [
+            StoredDeadLetter.from_message(m)
+            for m in read_all(kafka_bootstrap, topics.dead_letter)
+        ]
+    )
+    assert [r.value == value for r in rejected] == [True, True]
+    assert [r.first.reasons()["attempts"] for r in rejected] == ["1", "2"]
+    assert all(len(r.parts) > 1 for r in rejected)
