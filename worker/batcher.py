@@ -137,6 +137,11 @@ class PartitionBuffer:
         self.in_flight = None
         self.buffered_bytes -= batch.buffered_bytes
 
+    def unsettled_items(self) -> list[Item]:
+        """Every item not yet settled, oldest first: in flight, waiting, open."""
+        batches = [self.in_flight, *self._sealed, self._open]
+        return [item for batch in batches if batch is not None for item in batch.items]
+
     def is_idle(self) -> bool:
         """True when nothing is open, waiting or in flight."""
         return self._open is None and not self._sealed and self.in_flight is None

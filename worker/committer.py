@@ -11,27 +11,44 @@ is fenced by the group generation carried in that metadata.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from confluent_kafka import KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from worker.errors import WorkerError
 from worker.state import StateUpdate
 
 log = structlog.get_logger(__name__)
 
-TRANSACTION_TIMEOUT_S = 30.0
+TRANSACTION_TIMEOUT_S = 10.0
 # A retriable commit error (broker busy, coordinator moving) is retried this
-# often before the worker gives up and restarts from the committed offsets.
-COMMIT_RETRIES = 10
+# often before the transaction is aborted and its content committed again.
+COMMIT_RETRIES = 3
+# Errors meaning another producer took over this transactional id, or the group
+# moved on without this member: the worker must stop, never retry.
+FENCED_CODES = frozenset(
+    {
+        KafkaError._FENCED,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+    }
+)
 
 
 class TransactionError(WorkerError):
-    """A transaction could not be committed; the worker must restart from the
-    last committed offsets (nothing of the failed transaction is visible)."""
+    """A transaction could not be committed and the producer cannot go on; the
+    worker must restart from the last committed offsets (nothing of the failed
+    transaction is visible, so its batches are simply sent again)."""
+
+
+class TransactionAbortedError(TransactionError):
+    """The transaction was aborted but the producer can go on (a rebalance moved
+    the group's generation, a broker restarted): commit the same content again
+    in a new transaction once the cause has passed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +62,13 @@ class Committer:
     """Owns the transactional producer; used only from the consumer's thread."""
 
     def __init__(
-        self, producer: Producer, dead_letter_topic: str, state_topic: str
+        self,
+        new_producer: Callable[[], Producer],
+        dead_letter_topic: str,
+        state_topic: str,
     ) -> None:
-        self._producer = producer
+        self._new_producer = new_producer
+        self._producer = new_producer()
         self._dead_letter_topic = dead_letter_topic
         self._state_topic = state_topic
         self.transactions = 0
@@ -115,17 +136,41 @@ class Committer:
 
     def _abort_after(self, exc: KafkaException) -> None:
         error = exc.args[0]
-        if error.txn_requires_abort():
-            try:
-                self._producer.abort_transaction(TRANSACTION_TIMEOUT_S)
-            except KafkaException:
-                log.warning("transaction_abort_failed", error=error.str())
-        fenced = "fenced" in error.str().lower() or error.fatal()
-        raise TransactionError(
-            ("this worker was fenced by a newer member; " if fenced else "")
-            + f"transaction failed: {error.str()}; restarting from the last "
-            "committed offsets re-sends the affected batches, which is harmless"
+        if error.code() in FENCED_CODES:
+            raise TransactionError(
+                f"this worker was fenced ({error.str()}): a newer replica uses its "
+                "transactional id, or the group gave its partitions away; stopping. "
+                "Restarting re-sends only the batches of the failed transaction"
+            ) from exc
+        if error.fatal():
+            # The producer cannot go on (say, the coordinator lost the open
+            # transaction in a broker restart): start a new one with the same
+            # id, which aborts whatever the old one left open.
+            log.warning("transactional_producer_restarted", error=error.str())
+            self._replace_producer()
+            raise TransactionAbortedError(
+                f"transaction failed: {error.str()}; it will be committed again"
+            ) from exc
+        try:
+            self._producer.abort_transaction(TRANSACTION_TIMEOUT_S)
+        except KafkaException as abort_exc:
+            raise TransactionError(
+                f"transaction failed ({error.str()}) and could not be aborted "
+                f"({abort_exc.args[0].str()})"
+            ) from exc
+        raise TransactionAbortedError(
+            f"transaction aborted: {error.str()}; it will be committed again"
         ) from exc
 
+    def _replace_producer(self) -> None:
+        # The old producer is in a fatal state; it is dropped whatever flush says.
+        with contextlib.suppress(KafkaException):
+            self._producer.flush(0)
+        self._producer = self._new_producer()
+        self.start()
+
     def close(self, timeout_s: float = TRANSACTION_TIMEOUT_S) -> None:
-        self._producer.flush(timeout_s)
+        try:
+            self._producer.flush(timeout_s)
+        except KafkaException as exc:
+            log.warning("producer_close_failed", error=exc.args[0].str())

@@ -22,11 +22,13 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_nev
 from tenacity.wait import wait_random_exponential
 
 from worker.errors import CredentialsError, TransientError, WorkerError
+from worker.ratelimit import RateLimiter
 from worker.track import BatchResponse, ThrottledError, TrackClient
 
 log = structlog.get_logger(__name__)
 
 FIRST_RETRY_WAIT_S = 0.5
+CREDENTIALS_PROBE_MAX_S = 10.0
 
 
 class AbandonedError(WorkerError):
@@ -49,6 +51,7 @@ class Outcome:
     rejected: dict[int, ApiRejection] = field(default_factory=dict)
     requests: int = 0
     attempts: int = 0
+    rate_wait_s: float = 0.0
     last_status: int = 0
     latency_s: float = 0.0
 
@@ -62,11 +65,15 @@ class Deliverer:
         stop: threading.Event,
         *,
         max_wait_s: float = 30.0,
+        retry_after_max_s: float = 120.0,
+        limiter: RateLimiter | None = None,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
         self._client = client
         self._stop = stop
         self._max_wait_s = max_wait_s
+        self._retry_after_max_s = retry_after_max_s
+        self._limiter = limiter
         self._sleep = sleep or self._interruptible_sleep
         self._backoff = wait_random_exponential(
             multiplier=FIRST_RETRY_WAIT_S, max=max_wait_s
@@ -120,6 +127,8 @@ class Deliverer:
             with attempt:
                 if self._stop.is_set():
                     raise AbandonedError("shutdown during delivery")
+                if self._limiter is not None:
+                    outcome.rate_wait_s += self._limiter.acquire(self._sleep)
                 outcome.attempts += 1
                 response = self._client.post_batch(body)
         self.credentials_failing.clear()
@@ -130,9 +139,16 @@ class Deliverer:
 
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
-        if isinstance(error, ThrottledError) and error.retry_after_s is not None:
-            return min(error.retry_after_s, self._max_wait_s)
-        return float(self._backoff(state))
+        if isinstance(error, ThrottledError):
+            if error.status == 429 and self._limiter is not None:
+                self._limiter.throttled()
+            if error.retry_after_s is not None:
+                return min(error.retry_after_s, self._retry_after_max_s)
+        backoff = float(self._backoff(state))
+        if isinstance(error, CredentialsError):
+            # Probe often enough that a fixed key is noticed within seconds.
+            return min(backoff, CREDENTIALS_PROBE_MAX_S)
+        return backoff
 
     def _log_retry(self, state: RetryCallState, context: dict[str, Any]) -> None:
         error = state.outcome.exception() if state.outcome else None

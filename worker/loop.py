@@ -39,11 +39,17 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from worker.batcher import Batch, BatchLimits, Item, PartitionBuffer
-from worker.committer import Committer, DeadLetter
+from worker.committer import (
+    Committer,
+    DeadLetter,
+    TransactionAbortedError,
+    TransactionError,
+)
 from worker.delivery import AbandonedError, Deliverer, Outcome
 from worker.errors import ConfigError, TransientError, WorkerError
 from worker.mapping import serialize
 from worker.pipeline import build_routes, to_item
+from worker.ratelimit import RateLimiter
 from worker.rejects import Reject, dead_letter_records
 from worker.settings import Settings, kafka_client_config
 from worker.state import EventDedupe, PartitionState, PersonDedupe, StateUpdate
@@ -56,11 +62,13 @@ POLL_TIMEOUT_S = 0.05
 # Messages taken from librdkafka per call: large enough to amortise the call,
 # small enough that lingering batches are looked at every few milliseconds.
 CONSUME_BATCH = 1000
-SHUTDOWN_DEADLINE_S = 30.0
 METADATA_TIMEOUT_S = 10.0
 EXPIRY_INTERVAL_S = 60.0
 # Waits before re-reading a partition held by a passing fault, doubling to a cap.
 HOLD_FIRST_S = 1.0
+# An aborted transaction is committed again on the next turns; this many aborts
+# in a row (about five minutes of a broker refusing) stop the worker instead.
+MAX_ABORTS_IN_A_ROW = 30
 HOLD_MAX_S = 30.0
 
 TP = tuple[str, int]
@@ -143,9 +151,17 @@ class Worker:
             read_timeout_s=track.read_timeout_s,
             pool_size=track.max_concurrency,
         )
+        self._limiter = RateLimiter(track.rate_limit_rps)
         self._deliverer = Deliverer(
-            self._client, self._abandon, max_wait_s=track.retry_max_wait_s
+            self._client,
+            self._abandon,
+            max_wait_s=track.retry_max_wait_s,
+            retry_after_max_s=track.retry_after_max_s,
+            limiter=self._limiter,
         )
+        self._input_partitions = 0
+        self._deadline: float | None = None
+        self.buffered_bytes = 0
         self._pool = ThreadPoolExecutor(
             track.max_concurrency, thread_name_prefix="cio-send"
         )
@@ -160,6 +176,10 @@ class Worker:
         self._states: dict[int, PartitionState] = {}
         self._state_users: dict[int, set[TP]] = {}
         self._pending_state: list[tuple[int, StateUpdate]] = []
+        self._unsettled_letters: dict[TP, list[DeadLetter]] = {}
+        self._unsettled_offsets: dict[TP, int] = {}
+        self._aborted_in_a_row = 0
+        self._retry_commit_at = 0.0
         self._next_expiry = 0.0
         self._consumer: Consumer | None = None
         self._committer: Committer | None = None
@@ -210,11 +230,13 @@ class Worker:
         except Exception:
             consumer.close()
             raise
-        producer = Producer(
-            kafka_client_config(settings, "producer", self._transactional_id())
+        producer_config = kafka_client_config(
+            settings, "producer", self._transactional_id()
         )
         self._committer = Committer(
-            producer, kafka.dead_letter_topic, settings.state_topic
+            lambda: Producer(producer_config),
+            kafka.dead_letter_topic,
+            settings.state_topic,
         )
         self._committer.start()
         self._consumer = consumer
@@ -267,15 +289,18 @@ class Worker:
                 "create them or set CIO_KAFKA__PERSON_TOPIC / EVENT_TOPIC / "
                 "DEAD_LETTER_TOPIC"
             )
-        return max(
+        counts = [
             len(metadata.topics[t].partitions)
             for t in (kafka.person_topic, kafka.event_topic)
-        )
+        ]
+        self._input_partitions = sum(counts)
+        return max(counts)
 
     def _shutdown(self) -> None:
         """Settle what is in flight within the deadline, commit it, close."""
         log.info("worker_stopping", in_flight=len(self._in_flight))
-        deadline = self._clock() + SHUTDOWN_DEADLINE_S
+        deadline = self._clock() + self.settings.track.shutdown_timeout_s
+        self._deadline = deadline
         try:
             while self._in_flight and self._clock() < deadline:
                 self._settle_done(wait_s=0.1)
@@ -283,6 +308,11 @@ class Worker:
                 log.warning("batches_abandoned", count=len(self._in_flight))
             self._abandon.set()
             self._settle_done(wait_s=0)
+            while (self._unsettled_offsets or self._unsettled_letters) and (
+                self._clock() < deadline
+            ):
+                if not self._commit():
+                    time.sleep(min(1.0, max(deadline - self._clock(), 0.0)))
             if self.until_caught_up and self._ranges is None:
                 self._commit_drained_positions()
         finally:
@@ -301,6 +331,10 @@ class Worker:
         now = self._clock()
         for message in messages:
             self._handle(message, now)
+        if (self._unsettled_offsets or self._unsettled_letters) and (
+            self._clock() >= self._retry_commit_at
+        ):
+            self._commit()  # an aborted transaction, committed again
         self._settle_done(wait_s=0)
         self._launch_ready(self._clock())
         self._apply_backpressure()
@@ -452,14 +486,19 @@ class Worker:
             self._settle(settled)
 
     def _settle(self, settled: list[tuple[Batch, Outcome]]) -> None:
-        """Dead letters, state updates and offsets of settled batches, atomically."""
-        dead_letters: list[DeadLetter] = []
-        offsets: dict[TP, int] = {}
+        """Dead letters, state updates and offsets of settled batches, atomically.
+
+        The batches count as done once their outcome is known: if the
+        transaction is aborted (a rebalance, a broker restart), its content
+        stays queued and is committed again on the next turn of the loop.
+        """
         for batch, outcome in settled:
-            dead_letters.extend(self._dead_letters(batch, outcome))
+            tp = (batch.topic, batch.partition)
+            letters = self._dead_letters(batch, outcome)
+            self._unsettled_letters.setdefault(tp, []).extend(letters)
             self._collect_state(batch, outcome)
-            offsets[(batch.topic, batch.partition)] = batch.last_offset + 1
-        self._commit(dead_letters, offsets)
+            self._unsettled_offsets[tp] = batch.last_offset + 1
+        self._commit()
         for batch, outcome in settled:
             buffer = self._buffers.get((batch.topic, batch.partition))
             if buffer is not None:
@@ -467,15 +506,53 @@ class Worker:
             self._count_and_log(batch, outcome)
         self._launch_ready(self._clock())
 
-    def _commit(self, dead_letters: list[DeadLetter], offsets: dict[TP, int]) -> None:
+    def _commit(self, offsets: dict[TP, int] | None = None) -> bool:
+        """Commit everything queued in one transaction; False if it was aborted
+        and stays queued. Content of partitions no longer owned is dropped: the
+        new owner reads those records again."""
         assert self._committer is not None
         assert self._consumer is not None
         grouped = self._ranges is None
+        for tp, offset in (offsets or {}).items():
+            self._unsettled_offsets[tp] = max(
+                offset, self._unsettled_offsets.get(tp, 0)
+            )
+        for tp in [tp for tp in self._unsettled_offsets if tp not in self._buffers]:
+            self._unsettled_offsets.pop(tp)
+            self._unsettled_letters.pop(tp, None)
+        letters = [
+            d
+            for tp in sorted(self._unsettled_letters)
+            for d in self._unsettled_letters[tp]
+        ]
+        updates = [u for u in self._pending_state if u[0] in self._states]
         metadata = self._consumer.consumer_group_metadata() if grouped else None
-        updates, self._pending_state = self._pending_state, []
-        self._committer.commit(
-            dead_letters, updates, offsets if grouped else {}, metadata
-        )
+        try:
+            self._committer.commit(
+                letters, updates, self._unsettled_offsets if grouped else {}, metadata
+            )
+        except TransactionAbortedError as exc:
+            self._aborted_in_a_row += 1
+            if self._aborted_in_a_row > MAX_ABORTS_IN_A_ROW:
+                raise TransactionError(
+                    f"{exc}; gave up after {MAX_ABORTS_IN_A_ROW} tries"
+                ) from exc
+            wait_s = min(2.0 ** (self._aborted_in_a_row - 1), 10.0)
+            self._retry_commit_at = self._clock() + wait_s
+            log.warning(
+                "transaction_aborted",
+                attempt=self._aborted_in_a_row,
+                wait_s=wait_s,
+                error=str(exc),
+            )
+            self._pending_state = updates
+            return False
+        self._aborted_in_a_row = 0
+        self._retry_commit_at = 0.0
+        self._unsettled_letters.clear()
+        self._unsettled_offsets.clear()
+        self._pending_state = []
+        return True
 
     def _dead_letters(self, batch: Batch, outcome: Outcome) -> list[DeadLetter]:
         letters = []
@@ -551,7 +628,7 @@ class Worker:
             for tp, buffer in self._buffers.items()
             if tp in self._eof and buffer.is_idle()
         }
-        self._commit([], offsets)
+        self._commit(offsets)
 
     def _expire_events(self) -> None:
         now = self._clock()
@@ -567,16 +644,25 @@ class Worker:
     # -- flow control and rebalances ---------------------------------------------
 
     def _apply_backpressure(self) -> None:
+        """Pause partitions whose buffers are full (or all, when the total is), so
+        memory stays bounded while the loop keeps polling; resume at half."""
         assert self._consumer is not None
-        cap = self.settings.batch.max_buffered_bytes_per_partition
+        batch = self.settings.batch
+        cap = batch.max_buffered_bytes_per_partition
+        total = sum(b.buffered_bytes for b in self._buffers.values())
+        over_total = total > batch.max_buffered_bytes
+        under_total = total <= batch.max_buffered_bytes // 2
         for tp, buffer in self._buffers.items():
-            if tp not in self._paused and buffer.buffered_bytes > cap:
+            if tp not in self._paused and (buffer.buffered_bytes > cap or over_total):
                 self._consumer.pause([TopicPartition(*tp)])
                 self._paused.add(tp)
-            elif tp in self._paused and buffer.buffered_bytes <= cap // 2:
+            elif (
+                tp in self._paused and buffer.buffered_bytes <= cap // 2 and under_total
+            ):
                 self._paused.discard(tp)
                 if tp not in self._held:
                     self._consumer.resume([TopicPartition(*tp)])
+        self.buffered_bytes = total
 
     def _caught_up(self) -> bool:
         if not self._buffers or self._in_flight:
@@ -594,7 +680,12 @@ class Worker:
                 _, high = consumer.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S)
                 self._end[key] = high
         self._load_state(partitions)
-        log.info("partitions_assigned", partitions=_names(partitions))
+        self._update_share()
+        log.info(
+            "partitions_assigned",
+            partitions=_names(partitions),
+            rate_limit_rps=round(self._limiter.target, 2),
+        )
 
     def _load_state(self, partitions: list[TopicPartition]) -> None:
         """Restore the state partitions the new input partitions need."""
@@ -622,13 +713,15 @@ class Worker:
         """Settle the revoked partitions' in-flight batches, commit, forget them."""
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         self._revoking |= revoked
-        deadline = self._clock() + SHUTDOWN_DEADLINE_S
+        deadline = self._deadline or (
+            self._clock() + self.settings.track.shutdown_timeout_s
+        )
         while self._clock() < deadline and any(
             (b.topic, b.partition) in revoked for b in self._in_flight.values()
         ):
             self._settle_done(wait_s=0.05)
         if self._pending_state:
-            self._commit([], {})
+            self._commit()
         self._forget(revoked)
         self._revoking -= revoked
         log.info("partitions_revoked", partitions=_names(partitions))
@@ -642,9 +735,25 @@ class Worker:
         self._forget(lost)
         log.warning("partitions_lost", partitions=_names(partitions))
 
+    def _revert_unsettled(self, buffer: PartitionBuffer) -> None:
+        for item in reversed(buffer.unsettled_items()):
+            state = self._states.get(item.state_partition)
+            if item.state_update is not None and state is not None:
+                state.revert(item.state_update)
+
+    def _update_share(self) -> None:
+        """Take this process's share of the workspace's request rate."""
+        if self._ranges is None:
+            self._limiter.set_share(len(self._buffers), self._input_partitions)
+
     def _forget(self, partitions: set[TP]) -> None:
+        """Drop partitions this worker no longer owns, undoing the state decisions
+        of their unsettled records: those records were not delivered by this
+        worker, and another owner (or this one, later) must still send them."""
         for tp in partitions:
-            self._buffers.pop(tp, None)
+            buffer = self._buffers.pop(tp, None)
+            if buffer is not None:
+                self._revert_unsettled(buffer)
             self._paused.discard(tp)
             self._eof.pop(tp, None)
             self._end.pop(tp, None)
@@ -654,6 +763,9 @@ class Worker:
                 del self._state_users[p]
                 self._states.pop(p, None)
                 self._pending_state = [u for u in self._pending_state if u[0] != p]
+        for tp in partitions:
+            self._held.pop(tp, None)
+        self._update_share()
 
 
 def _rejects_of(batch: Batch, outcome: Outcome) -> list[tuple[Item, Reject]]:

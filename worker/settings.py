@@ -67,6 +67,12 @@ class KafkaSettings(_Section):
             "id takes its partitions back without a rebalance. Unique per replica."
         ),
     )
+    max_poll_interval_ms: int = Field(
+        300_000,
+        ge=10_000,
+        description="librdkafka max.poll.interval.ms; the loop polls every few ms "
+        "even while batches wait on retries.",
+    )
     session_timeout_ms: int = Field(
         45_000,
         ge=6_000,
@@ -112,7 +118,24 @@ class TrackSettings(_Section):
         4, ge=1, le=64, description="Batches in flight at once, across partitions."
     )
     retry_max_wait_s: float = Field(
-        30.0, gt=0, description="Longest wait between two retries of one request."
+        30.0, gt=0, description="Longest backoff between two retries of one request."
+    )
+    retry_after_max_s: float = Field(
+        120.0, gt=0, description="Longest wait a Retry-After header can impose."
+    )
+    rate_limit_rps: float = Field(
+        100.0,
+        gt=0,
+        description=(
+            "Requests per second for the whole workspace; each replica takes a share "
+            "in proportion to the partitions it owns."
+        ),
+    )
+    shutdown_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM, how long batches in flight may take before they "
+        "are abandoned (not committed, so re-sent after restart).",
     )
 
     @property
@@ -135,6 +158,11 @@ class BatchSettings(_Section):
     )
     linger_ms: int = Field(
         200, ge=0, description="How long a partly filled batch waits for more records."
+    )
+    max_buffered_bytes: int = Field(
+        64_000_000,
+        ge=MAX_REQUEST_BYTES,
+        description="Bytes waiting across all partitions before every one is paused.",
     )
     max_buffered_bytes_per_partition: int = Field(
         4_000_000,
@@ -288,6 +316,38 @@ class LogSettings(_Section):
     )
 
 
+class MetricsSettings(_Section):
+    """The HTTP server of ``cio-worker run``: /metrics, /healthz and /readyz.
+
+    The host defaults to every interface because in a pod the kubelet probes and
+    Prometheus reach the pod's own address, never its loopback; nothing secret is
+    served. Tests bind 127.0.0.1 with port 0 (any free port).
+    """
+
+    host: str = Field(
+        "0.0.0.0",
+        min_length=1,
+        description=(
+            "Address of the metrics and health server; 127.0.0.1 keeps it on the "
+            "machine."
+        ),
+    )
+    port: int = Field(
+        9108,
+        ge=0,
+        le=65_535,
+        description="Port of /metrics, /healthz and /readyz; 0: any free port.",
+    )
+    liveness_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description=(
+            "/healthz answers 503 when the loop has not turned for this long; above "
+            "the longest step that blocks it while healthy (start-up, a commit)."
+        ),
+    )
+
+
 class ArchiveSettings(_Section):
     """The S3 archive of dead letters (``cio-worker archive``) and its access.
 
@@ -371,6 +431,7 @@ class Settings(BaseSettings):
     mapping: MappingSettings = MappingSettings()
     log: LogSettings = LogSettings()
     archive: ArchiveSettings = ArchiveSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -496,6 +557,9 @@ def kafka_client_config(
                 "auto.offset.reset": kafka.auto_offset_reset,
                 "partition.assignment.strategy": "cooperative-sticky",
                 "session.timeout.ms": kafka.session_timeout_ms,
+                "max.poll.interval.ms": kafka.max_poll_interval_ms,
+                # Bounds prefetched records; the worker's own buffers are capped too.
+                "queued.max.messages.kbytes": 16384,
                 "isolation.level": "read_committed",
                 # Offsets move only after delivery; the worker commits them itself.
                 "enable.auto.commit": False,

@@ -139,7 +139,7 @@ def _trial(
         if where[event_id][1] >= committed[where[event_id][0]]
     }
 
-    simulator.inject([])
+    simulator.clear_faults()
     restart = subprocess.run(
         [sys.executable, "-m", "worker", "run", "--until-caught-up"], env=env,
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,

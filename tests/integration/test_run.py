@@ -193,7 +193,7 @@ def test_run_stopped_midway_and_restarted_loses_nothing(
     assert 0 < committed < len(sample.records)
     assert accepted_first < len(sample.records) - 4
 
-    simulator.inject([])
+    simulator.clear_faults()
     second = subprocess.run(
         [sys.executable, "-m", "worker", "run", "--until-caught-up"],
         env={**os.environ, **worker_env},

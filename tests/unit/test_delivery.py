@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 
 from worker.delivery import AbandonedError, ApiRejection, Deliverer
 from worker.errors import CredentialsError, TransientError
+from worker.ratelimit import RateLimiter
 from worker.track import BatchResponse, ThrottledError
 
 Step = BatchResponse | Exception | Callable[[list[dict[str, Any]]], BatchResponse]
@@ -57,15 +58,22 @@ def entries(count: int) -> list[bytes]:
 
 
 def deliverer(
-    client: FakeClient, max_wait_s: float = 30.0
+    client: FakeClient,
+    max_wait_s: float = 30.0,
+    retry_after_max_s: float = 120.0,
+    limiter: RateLimiter | None = None,
 ) -> tuple[Deliverer, list[float], threading.Event]:
     sleeps: list[float] = []
     stop = threading.Event()
-    return (
-        Deliverer(client, stop, max_wait_s=max_wait_s, sleep=sleeps.append),  # type: ignore[arg-type]
-        sleeps,
+    subject = Deliverer(
+        client,  # type: ignore[arg-type]
         stop,
+        max_wait_s=max_wait_s,
+        retry_after_max_s=retry_after_max_s,
+        limiter=limiter,
+        sleep=sleeps.append,
     )
+    return subject, sleeps, stop
 
 
 def refuse_if_present(culprit: int, status: int) -> Callable[..., BatchResponse]:
@@ -217,21 +225,46 @@ def test_deliver_207_in_second_half_offsets_index() -> None:
 
 
 @pytest.mark.parametrize(
-    ("retry_after", "max_wait", "slept"),
-    [(7.0, 30.0, 7.0), (0.0, 30.0, 0.0), (120.0, 30.0, 30.0), (12.0, 5.0, 5.0)],
+    ("retry_after", "cap", "slept"),
+    [(7.0, 120.0, 7.0), (0.0, 120.0, 0.0), (300.0, 120.0, 120.0), (12.0, 5.0, 5.0)],
 )
 def test_deliver_429_retry_after_honoured_and_capped(
-    retry_after: float, max_wait: float, slept: float
+    retry_after: float, cap: float, slept: float
 ) -> None:
-    """A 429's Retry-After is the wait before the retry, capped at max_wait_s."""
+    """A 429's Retry-After is the wait before the retry, capped at
+    retry_after_max_s (not at the backoff cap, so a long hint is kept)."""
     client = FakeClient([ThrottledError(429, retry_after), ok()])
-    subject, sleeps, _ = deliverer(client, max_wait_s=max_wait)
+    subject, sleeps, _ = deliverer(client, max_wait_s=5.0, retry_after_max_s=cap)
 
     outcome = subject.deliver(entries(2))
 
     assert sleeps == [slept]
     assert (outcome.attempts, outcome.requests) == (2, 1)
     assert outcome.rejected == {}
+
+
+def test_deliver_429_halves_the_rate_limit_and_waits_for_tokens() -> None:
+    """A 429 lowers the limiter's rate; every attempt first takes a token."""
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    limiter = RateLimiter(10.0, clock=lambda: now[0])
+    client = FakeClient([ThrottledError(429, None), ok()])
+    subject = Deliverer(
+        client,  # type: ignore[arg-type]
+        threading.Event(),
+        limiter=limiter,
+        sleep=sleep,
+    )
+
+    subject.deliver(entries(1))
+
+    assert limiter.rate < 10.0
+    assert len(sleeps) >= 1  # the retry backoff (a token may be waited for too)
 
 
 def test_deliver_transient_errors_retried_then_delivered() -> None:

@@ -32,6 +32,8 @@ from confluent_kafka.admin import AdminClient
 DEFAULT_PORT = 19092
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
+BIND_ATTEMPTS = 6
+BIND_RETRY_WAIT_S = 5.0
 # One poll of the admin client; short so start-up is noticed within a second.
 PROBE_TIMEOUT_S = 1.0
 
@@ -119,7 +121,22 @@ class LocalBroker:
         config = self._write_config()
         if not (self.run_dir / "data" / "meta.properties").exists():
             self._format(config)
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            try:
+                self._launch(config, timeout_s)
+                return
+            except BrokerError:
+                # A port just released can stay unbindable for a few seconds
+                # (connections in TIME_WAIT); try again before giving up.
+                if attempt == BIND_ATTEMPTS or not self._bind_failed():
+                    raise
+                time.sleep(BIND_RETRY_WAIT_S)
 
+    def _bind_failed(self) -> bool:
+        log = self.run_dir / "server.log"
+        return log.exists() and "Address already in use" in log.read_text()[-20_000:]
+
+    def _launch(self, config: Path, timeout_s: float) -> None:
         # The broker is started through a shell that exits at once, so it
         # outlives this process (the demo and tests stop it by pid) and never
         # lingers as an unreaped child.
@@ -199,16 +216,22 @@ class LocalBroker:
         ]
 
     def _format(self, config: Path) -> None:
-        subprocess.run(
+        result = subprocess.run(
             [
                 *self._java(), "kafka.tools.StorageTool", "format",
                 "--config", str(config),
                 "--cluster-id", _cluster_id(),
                 "--ignore-formatted",
             ],
-            check=True,
-            stdout=subprocess.DEVNULL,
+            check=False,
+            capture_output=True,
+            text=True,
         )  # fmt: skip
+        if result.returncode != 0:
+            raise BrokerError(
+                f"formatting {self.run_dir} failed: {result.stderr[-2000:]}"
+                f"{result.stdout[-2000:]}"
+            )
 
     def _write_config(self) -> Path:
         self.run_dir.mkdir(parents=True, exist_ok=True)

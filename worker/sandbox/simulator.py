@@ -57,6 +57,7 @@ class Fault:
     count: int = 1
     retry_after: str | None = None
     delay_s: float = 0.0
+    duration_s: float = 0.0  # > 0: every request for this long, count ignored
 
 
 @dataclass
@@ -202,10 +203,22 @@ class TrackSimulator:
 
     def inject(self, faults: list[Fault]) -> None:
         """Queue faults; each answers the next ``count`` batch requests in order."""
+        now = time.monotonic()
         with self._lock:
             self._faults.extend(
-                [fault, fault.count] for fault in faults if fault.count > 0
+                [
+                    fault,
+                    fault.count,
+                    now + fault.duration_s if fault.duration_s else None,
+                ]
+                for fault in faults
+                if fault.count > 0
             )
+
+    def clear_faults(self) -> None:
+        """Drop every queued fault."""
+        with self._lock:
+            self._faults.clear()
 
     def people(self) -> dict[str, JSON]:
         """Copy of the profiles: person key -> merged attributes."""
@@ -231,7 +244,7 @@ class TrackSimulator:
                 "identify_counts": dict(self._identify_counts),
                 "suppressed": sorted(self._suppressed),
                 "pending_faults": [
-                    {**asdict(fault), "count": left} for fault, left in self._faults
+                    {**asdict(fault), "count": left} for fault, left, _ in self._faults
                 ],
             }
             return cast(JSON, json.loads(json.dumps(state)))
@@ -274,6 +287,11 @@ class TrackSimulator:
 
     def _next_fault_locked(self) -> Fault | None:
         """Pop one use of the head fault, dropping it once its count is spent."""
+        while self._faults and self._faults[0][2] is not None:
+            if time.monotonic() < self._faults[0][2]:
+                self._stats["faults_served"] += 1
+                return cast(Fault, self._faults[0][0])
+            self._faults.pop(0)  # a timed fault that has run its course
         if not self._faults:
             return None
         head = self._faults[0]

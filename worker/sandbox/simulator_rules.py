@@ -252,12 +252,21 @@ def parse_fault_specs(body: bytes) -> list[dict[str, Any]]:
             retry_after = item.get("retry_after")
             status, count = int(item["status"]), int(item.get("count", 1))
             delay_s = float(item.get("delay_s", 0.0))
+            duration_s = float(item.get("duration_s", 0.0))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"bad fault {item!r}") from exc
         if not 100 <= status <= 599 or count < 1 or not 0 <= delay_s <= 600:
             raise ValueError("a fault needs status 100-599, count >= 1, delay 0-600 s")
+        if not 0 <= duration_s <= 3600:
+            raise ValueError("a fault's duration_s must be 0-3600")
         retry = None if retry_after is None else str(retry_after)
         specs.append(
-            {"status": status, "count": count, "retry_after": retry, "delay_s": delay_s}
+            {
+                "status": status,
+                "count": count,
+                "retry_after": retry,
+                "delay_s": delay_s,
+                "duration_s": duration_s,
+            }
         )
     return specs
