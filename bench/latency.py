@@ -58,7 +58,8 @@ class SteadyProducer(threading.Thread):
         for _ in paced(self.rate_per_s, self.duration_s):
             kind, key, record = maker.next_record()
             if kind == "event":
-                record["data"]["bench_sent_us"] = time.time_ns() // 1000
+                sent_us = time.time_ns() // 1000
+                record["data"] = {**record["data"], "bench_sent_us": sent_us}
                 self.events += 1
             produce(producer, names[kind], key, maker.encode(kind, record))
             self.produced += 1

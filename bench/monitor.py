@@ -167,11 +167,14 @@ class GroupProgress:
 
 
 def batch_log_totals(log_path: Path) -> dict[str, float]:
-    """Sum the worker's ``batch_sent`` log events (entries, bytes, latency)."""
-    batches = entries = size = requests = 0
+    """Sum the worker's ``batch_sent`` and ``batch_retry`` log events."""
+    batches = entries = size = requests = retries = throttled = 0
     latency_ms = 0.0
     with log_path.open(errors="replace") as log:
         for line in log:
+            if '"batch_retry"' in line:
+                retries += 1
+                throttled += json.loads(line).get("status") == 429
             if '"batch_sent"' not in line:
                 continue
             event = json.loads(line)
@@ -185,5 +188,9 @@ def batch_log_totals(log_path: Path) -> dict[str, float]:
         "entries": entries,
         "bytes": size,
         "requests": requests,
+        "retries": retries,
+        "retries_after_429": throttled,
+        "mean_entries_per_request": round(entries / max(requests, 1), 1),
+        "mean_bytes_per_request": round(size / max(requests, 1)),
         "mean_request_latency_ms": round(latency_ms / max(requests, 1), 1),
     }

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from bench.data import Topics
 from bench.monitor import ChildRun, GroupProgress, batch_log_totals, run_child
-from bench.procstat import cpu_seconds, die_with_parent
+from bench.procstat import CpuLedger, die_with_parent
 from bench.services import API_KEY, SITE_ID, Server, get_json, simulator_state
 
 # A run slower than this many records per second is cut off by its timeout.
@@ -64,6 +65,7 @@ def rate(records: float, seconds: float) -> float:
 
 def run_ceiling(ctx: Context) -> dict[str, Any]:
     """A: consume and decode every record, nothing else."""
+    ledger = CpuLedger({"broker": ctx.broker_pid})
     run = run_child(
         [sys.executable, "-m", "bench.ceiling", *_topic_args(ctx), "--records",
          str(ctx.records), "--timeout-s", str(timeout_for(ctx.records))],
@@ -71,12 +73,16 @@ def run_ceiling(ctx: Context) -> dict[str, Any]:
         timeout_s=timeout_for(ctx.records) + 30,
         log_path=ctx.work_dir / "ceiling.log",
     )  # fmt: skip
-    return _reader_result(run, ctx.records)
+    return {
+        **_reader_result(run, ctx.records),
+        "cpu_s_during_phase": ledger.close(run.usage.cpu_s),
+    }
 
 
 def run_naive(ctx: Context, stub: Server, sample: int) -> dict[str, Any]:
     """C: one official-client call per record, on a sample, extrapolated."""
     env = dict(os.environ, CIO_SITE_ID=SITE_ID, CIO_API_KEY=API_KEY)
+    ledger = CpuLedger({"v1 stub": stub.pid, "broker": ctx.broker_pid})
     run = run_child(
         [sys.executable, "-m", "bench.naive", "--url", stub.url, *_topic_args(ctx),
          "--records", str(sample), "--timeout-s", str(timeout_for(sample))],
@@ -85,6 +91,7 @@ def run_naive(ctx: Context, stub: Server, sample: int) -> dict[str, Any]:
         log_path=ctx.work_dir / "naive.log",
     )  # fmt: skip
     result = _reader_result(run, sample)
+    result["cpu_s_during_phase"] = ledger.close(run.usage.cpu_s)
     result["stub_counts"] = get_json(stub.url + "/__stub/state")
     result["sample_records"] = sample
     result["extrapolated_seconds_for_all"] = round(
@@ -128,15 +135,22 @@ def run_worker(
     *,
     extra_env: dict[str, str] | None = None,
     on_start: Callable[[int], None] | None = None,
+    window_s: float | None = None,
+    fetch_state: bool = True,
 ) -> dict[str, Any]:
-    """B (and R, P): ``python -m worker run --until-caught-up`` on the backlog."""
+    """B (and R, P): ``python -m worker run --until-caught-up`` on the backlog.
+
+    With ``window_s`` the worker gets SIGTERM after that long if it has not
+    caught up, and rates are taken over the window it delivered in.
+    """
     group = f"{ctx.topics.person.split('.')[0]}-{label}"
     env = worker_env(ctx, ctx.topics, simulator, group, **(extra_env or {}))
     progress = GroupProgress(
         ctx.bootstrap, group, [ctx.topics.person, ctx.topics.event]
     )
-    cpu_before = _others_cpu(ctx, simulator)
+    ledger = CpuLedger({"simulator": simulator.pid, "broker": ctx.broker_pid})
     log_path = ctx.work_dir / f"worker-{label}.log"
+    started = time.monotonic()
     run = run_child(
         [sys.executable, "-m", "worker", "run", "--until-caught-up"],
         env,
@@ -144,42 +158,44 @@ def run_worker(
         log_path=log_path,
         progress=progress,
         on_start=on_start,
+        stop_when=None
+        if window_s is None
+        else lambda: time.monotonic() - started > window_s,
     )
     progress.close()
-    cpu_after = _others_cpu(ctx, simulator)
+    cpu = ledger.close(run.usage.cpu_s)
     counters = run.last_json()
-    state, state_s = simulator_state(simulator)
-    stats = state["stats"]
-    consumed = int(counters.get("consumed", 0))
-    wall_s = run.usage.wall_s
+    consumed = int(counters.get("consumed", 0)) or progress.last
     trace = [(t, min(n, ctx.records)) for t, n in run.trace]
-    return {
+    result = {
         "group": group,
         "exit_code": run.usage.exit_code,
         "timed_out": run.timed_out,
+        "caught_up": consumed >= ctx.records,
         "counters": counters,
         "records": consumed,
-        "wall_s": round(wall_s, 2),
-        "records_per_s": rate(consumed, wall_s),
+        "wall_s": round(run.usage.wall_s, 2),
+        "records_per_s": rate(consumed, run.usage.wall_s),
         "records_per_s_steady": steady_rate(trace, ctx.records),
+        "records_per_s_delivering": delivering_rate(trace),
         "cpu_s": round(run.usage.cpu_s, 2),
         "cpu_s_per_million": round(run.usage.cpu_s / max(consumed, 1) * 1e6, 1),
         "peak_rss_mb": round(run.usage.peak_rss_mb, 1),
-        "simulator": _simulator_figures(stats),
-        "simulator_state_fetch_s": round(state_s, 2),
-        "log_totals": batch_log_totals(log_path),
-        "cpu_s_during_phase": {
-            name: round(cpu_after[name] - cpu_before[name], 2)
-            for name in cpu_before
-            if cpu_before[name] is not None and cpu_after[name] is not None
+        "cpu_s_during_phase": cpu,
+        "cpu_us_per_record": {
+            name: round(cpu[name] / max(consumed, 1) * 1e6, 1)
+            for name in ("measured process", "simulator", "broker")
+            if name in cpu
         },
+        "log_totals": batch_log_totals(log_path),
         "trace": trace,
         "rss_trace": run.rss_mb,
     }
-
-
-def _others_cpu(ctx: Context, simulator: Server) -> dict[str, float | None]:
-    return {"simulator": simulator.cpu_s(), "broker": cpu_seconds(ctx.broker_pid)}
+    if fetch_state:
+        state, seconds = simulator_state(simulator)
+        result["simulator"] = _simulator_figures(state["stats"])
+        result["simulator_state_fetch_s"] = round(seconds, 2)
+    return result
 
 
 def _simulator_figures(stats: dict[str, Any]) -> dict[str, Any]:
@@ -207,35 +223,62 @@ def steady_rate(trace: list[tuple[float, int]], total: int) -> float:
     return rate(high[1] - low[1], high[0] - low[0])
 
 
+def delivering_rate(trace: list[tuple[float, int]]) -> float:
+    """Records per second from the first commit to the last sample."""
+    first = next((i for i, (_, n) in enumerate(trace) if n > 0), None)
+    if first is None or first + 1 >= len(trace):
+        return 0.0
+    (t0, n0), (t1, n1) = trace[first], trace[-1]
+    return rate(n1 - n0, t1 - t0)
+
+
 def profile_worker(
-    ctx: Context, simulator: Server, out_dir: Path, rate_hz: int = 100
+    ctx: Context, simulator: Server, out_dir: Path, rate_hz: int, window_s: float
 ) -> dict[str, Any]:
-    """P: B again with py-spy attached; returns the run and the profile path."""
+    """P: B again for ``window_s`` with py-spy on the worker and the simulator.
+
+    ``--gil`` samples only the thread holding the GIL: for these GIL-bound
+    processes that is where their Python CPU goes (librdkafka's own threads
+    and time in C without the GIL are not in it).
+    """
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
         return {"skipped": "py-spy is not installed (pip install py-spy)"}
-    raw = out_dir / "profile-worker.collapsed.txt"
+    outputs = {
+        "worker": out_dir / "profile-worker.collapsed.txt",
+        "simulator": out_dir / "profile-simulator.collapsed.txt",
+    }
     spies: list[subprocess.Popen[bytes]] = []
+    log = (ctx.work_dir / "py-spy.log").open("wb")
 
-    def attach(pid: int) -> None:
+    def spy(pid: int, output: Path) -> None:
+        output.unlink(missing_ok=True)
         command = [
-            py_spy, "record", "--pid", str(pid), "--rate", str(rate_hz),
-            "--format", "raw", "--nolineno", "--output", str(raw),
+            py_spy, "record", "--pid", str(pid), "--rate", str(rate_hz), "--gil",
+            "--format", "raw", "--nolineno", "--output", str(output),
+            "--duration", str(int(window_s)),
         ]  # fmt: skip
-        log = (ctx.work_dir / "py-spy.log").open("wb")
         spies.append(
             subprocess.Popen(
                 command, stdout=log, stderr=log, preexec_fn=die_with_parent
             )
         )
 
-    result = run_worker(ctx, simulator, "profile", on_start=attach)
-    for spy in spies:
+    def attach(pid: int) -> None:
+        spy(pid, outputs["worker"])
+        spy(simulator.pid, outputs["simulator"])
+
+    result = run_worker(
+        ctx, simulator, "profile", on_start=attach, window_s=window_s,
+        fetch_state=False,
+    )  # fmt: skip
+    for process in spies:
         try:
-            spy.wait(60)
+            process.wait(60)
         except subprocess.TimeoutExpired:
-            spy.terminate()
-    result["profile"] = str(raw) if raw.exists() else None
-    if not raw.exists():
+            process.terminate()
+    log.close()
+    result["profiles"] = {k: str(v) for k, v in outputs.items() if v.exists()}
+    if len(result["profiles"]) < len(outputs):
         result["profile_error"] = (ctx.work_dir / "py-spy.log").read_text()[-2000:]
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -70,6 +71,46 @@ def reap(
         peak_rss_mb=rusage.ru_maxrss / 1024,
         wall_s=time.monotonic() - started,
     )
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every process on the machine has used since boot."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(v) for v in fields[:8]]
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    return (sum(ticks) - idle) / CLOCK_TICKS_PER_S
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process (the benchmark's driver)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuLedger:
+    """Who used the machine's CPU during a phase: the measured child, the named
+    helper processes, this driver, and everything else (other users' jobs)."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self._pids = pids
+        self._start = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        self._machine = machine_busy_s()
+        self._own = own_cpu_s()
+        self._wall = time.monotonic()
+
+    def close(self, child_cpu_s: float) -> dict[str, float]:
+        wall = time.monotonic() - self._wall
+        spent = {"measured process": child_cpu_s}
+        for name, pid in self._pids.items():
+            before, after = self._start[name], cpu_seconds(pid)
+            if before is not None and after is not None:
+                spent[name] = after - before
+        spent["benchmark driver"] = own_cpu_s() - self._own
+        machine = machine_busy_s() - self._machine
+        spent["other processes"] = max(machine - sum(spent.values()), 0.0)
+        spent["machine busy"] = machine
+        spent["machine capacity"] = wall * (os.cpu_count() or 1)
+        return {name: round(value, 2) for name, value in spent.items()}
 
 
 def die_with_parent() -> None:

@@ -2,9 +2,10 @@
 
 ``py-spy record --format raw --nolineno`` writes one line per distinct stack,
 ``frame;frame;...;leaf count``, root first, each frame ``function (file)``.
-Time spent inside a C extension (librdkafka, fastavro's Cython reader, the
-json C encoder) is charged to the Python function that called it. Idle
-threads are not sampled, so shares are of the busy threads' samples.
+Recorded with ``--gil``, a sample is the stack of the thread holding the GIL:
+the shares are of the process's Python CPU time. Time inside a C extension
+that keeps the GIL (fastavro's Cython reader, the json C encoder, a
+librdkafka call) is charged to the Python function that called it.
 
 The collapsed file opens in speedscope as it is; ``speedscope_json`` also
 writes speedscope's own format, weighted, so it stays small.
@@ -60,8 +61,8 @@ def _short(frame: str) -> str:
 
 def text_report(spots: dict[str, Any], rate_hz: int) -> str:
     lines = [
-        f"py-spy, {rate_hz} Hz, {spots['samples']:,} samples of busy threads "
-        f"(about {spots['samples'] / rate_hz:,.0f} thread-seconds).",
+        f"py-spy --gil, {rate_hz} Hz: {spots['samples']:,} samples of the thread "
+        f"holding the GIL (about {spots['samples'] / rate_hz:,.0f} s).",
         "",
         "Self time (the function itself, C calls it makes included):",
     ]
@@ -97,11 +98,15 @@ def speedscope_json(stacks: list[tuple[list[str], int]], name: str) -> dict[str,
     }
 
 
-def summarise(collapsed: Path, out_dir: Path, rate_hz: int) -> dict[str, Any]:
-    """Write the text report and the speedscope file; return the hot spots."""
+def summarise(collapsed: Path, rate_hz: int, title: str) -> dict[str, Any]:
+    """Write the text report and the speedscope file beside ``collapsed``
+    (``profile-NAME.collapsed.txt``); return the hot spots."""
     stacks = read_collapsed(collapsed)
     spots = hot_spots(stacks)
-    (out_dir / "profile-worker.txt").write_text(text_report(spots, rate_hz))
-    speedscope = speedscope_json(stacks, "cio-worker run --until-caught-up")
-    (out_dir / "profile-worker.speedscope.json").write_text(json.dumps(speedscope))
+    stem = collapsed.name.removesuffix(".collapsed.txt")
+    (collapsed.parent / f"{stem}.txt").write_text(
+        f"{title}\n" + text_report(spots, rate_hz)
+    )
+    speedscope = speedscope_json(stacks, title)
+    (collapsed.parent / f"{stem}.speedscope.json").write_text(json.dumps(speedscope))
     return spots

@@ -103,32 +103,48 @@ def _target_table(summary: dict[str, Any]) -> list[str]:
 
 def _extra_lines(summary: dict[str, Any]) -> list[str]:
     lines = []
-    limit = summary.get("rate_limit")
-    if limit:
-        lines.append(
-            f"Rate limit {limit['rps']:g} requests/s: {_fmt(limit['records_per_s'])} "
-            f"records/s of a ceiling of {_fmt(limit['ceiling_records_per_s'])} "
-            f"({limit['rps']:g} x {limit['entries_per_request']:,} entries: the "
-            f"500,000-byte bound allows {limit['entries_by_bytes']:,} entries of "
-            f"{limit['mean_entry_bytes']:.0f} bytes, max_entries caps at "
-            f"{limit['max_entries']:,}); {limit['throttled']:,} answers were 429."
-        )
+    for key in ("rate_limit", "rate_limit_binding"):
+        limit = summary.get(key)
+        if limit:
+            lines.append(_limit_line(limit, summary.get("worker_records_per_s")))
     for run in summary["phases"].get("L", []):
         lines.append(
-            f"Latency at {run['offered_records_per_s']:,.0f} records/s, linger_ms "
-            f"{run['linger_ms']}: p50 {_fmt(run['p50_ms'])} ms, p90 "
+            f"Latency at {run['offered_records_per_s']:,.0f} records/s offered, "
+            f"linger_ms {run['linger_ms']}: p50 {_fmt(run['p50_ms'])} ms, p90 "
             f"{_fmt(run['p90_ms'])} ms, p99 {_fmt(run['p99_ms'])} ms, max "
             f"{_fmt(run['max_ms'])} ms over {run['events_measured']:,} events."
         )
-    split = summary["phases"].get("B", {}).get("cpu_s_during_phase")
-    if split:
+    cpu = summary["phases"].get("B", {}).get("cpu_s_during_phase")
+    if cpu:
         lines.append(
-            "CPU seconds during B (2 cores shared): worker "
-            f"{_fmt(summary['phases']['B']['cpu_s'])}, "
-            + ", ".join(f"{name} {_fmt(value)}" for name, value in split.items())
-            + "."
+            "CPU seconds during B: worker "
+            f"{_fmt(cpu['measured process'])}, simulator {_fmt(cpu.get('simulator'))},"
+            f" broker {_fmt(cpu.get('broker'))}, benchmark driver "
+            f"{_fmt(cpu['benchmark driver'])}, other processes on the machine "
+            f"{_fmt(cpu['other processes'])}; {_fmt(cpu['machine capacity'])} "
+            "available (2 cores x wall time)."
         )
     return [f"- {line}" for line in lines]
+
+
+def _limit_line(limit: dict[str, Any], unlimited: float | None) -> str:
+    line = (
+        f"Simulator limited to {limit['rps']:g} requests/s: "
+        f"{_fmt(limit['records_per_s'])} records/s of a ceiling of "
+        f"{_fmt(limit['ceiling_records_per_s'])} ({limit['rps']:g} x "
+        f"{limit['entries_per_request']:,} entries; 500,000 bytes hold "
+        f"{limit['entries_by_bytes']:,} entries of {limit['mean_entry_bytes']:.0f} "
+        f"bytes, max_entries caps at {limit['max_entries']:,}): efficiency "
+        f"{limit['efficiency']:.0%}; {limit['requests_per_s']:g} requests/s sent, "
+        f"{limit['mean_entries_per_request']:,.0f} entries each, "
+        f"{limit['throttled']:,} retries after a 429."
+    )
+    if unlimited and unlimited < limit["ceiling_records_per_s"]:
+        line += (
+            f" This limit does not bind: without it the worker reached "
+            f"{_fmt(unlimited)} records/s."
+        )
+    return line
 
 
 def _row(name: str, *values: Any) -> str:

@@ -67,6 +67,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--naive-records", type=int, default=5_000)
     parser.add_argument("--rate-limit-rps", type=float, default=100.0)
+    parser.add_argument(
+        "--binding-rps",
+        default="auto",
+        help="a second, lower limit for R that binds: a number, auto (half of B's "
+        "rate in full requests) or 0 for none",
+    )
+    parser.add_argument(
+        "--window-s",
+        type=float,
+        default=60.0,
+        help="R and P stop the worker after this long if it has not caught up",
+    )
     parser.add_argument("--latency-rate", type=float, default=2_000.0)
     parser.add_argument("--latency-seconds", type=float, default=30.0)
     parser.add_argument(
@@ -160,18 +172,48 @@ def _run_phases(
             reset_simulator(simulator)
         if "P" in phases:
             _log("P: cio-worker under py-spy")
-            results["P"] = _profile(ctx, simulator, args.results)
+            results["P"] = _profile(ctx, simulator, args)
     if "R" in phases:
-        _log(f"R: cio-worker, simulator limited to {args.rate_limit_rps:g} req/s")
-        with _simulator(args.rate_limit_rps, {"R"}) as limited:
-            results["R"] = run_worker(ctx, limited, "limited")
+        results["R"] = _limited(ctx, args.rate_limit_rps, args.window_s)
+        binding = _binding_rps(args.binding_rps, results.get("B"))
+        if binding:
+            results["R_binding"] = _limited(ctx, binding, args.window_s)
 
 
-def _profile(ctx: Context, simulator: Server, out_dir: Path) -> dict[str, Any]:
-    result = profile_worker(ctx, simulator, out_dir, PROFILE_RATE_HZ)
-    collapsed = result.get("profile")
-    if collapsed:
-        result["hot_spots"] = summarise(Path(collapsed), out_dir, PROFILE_RATE_HZ)
+def _limited(ctx: Context, rps: float, window_s: float) -> dict[str, Any]:
+    _log(f"R: cio-worker, simulator limited to {rps:g} requests/s")
+    with _simulator(rps, {"R"}) as limited:
+        result = run_worker(
+            ctx, limited, f"limited{rps:g}", window_s=window_s, fetch_state=False
+        )
+    result["rate_limit_rps"] = rps
+    return result
+
+
+def _binding_rps(choice: str, worker: dict[str, Any] | None) -> float:
+    """The lower limit: given, or half of B's rate in full requests."""
+    if choice != "auto":
+        return float(choice)
+    if not worker:
+        return 0.0
+    per_request = load_settings().batch.max_entries
+    return float(max(1, round(worker["records_per_s"] / 2 / per_request)))
+
+
+def _profile(
+    ctx: Context, simulator: Server, args: argparse.Namespace
+) -> dict[str, Any]:
+    result = profile_worker(
+        ctx, simulator, args.results, PROFILE_RATE_HZ, args.window_s
+    )
+    titles = {
+        "worker": "cio-worker run --until-caught-up (the B run, profiled)",
+        "simulator": "worker.sandbox.simulator during that run",
+    }
+    result["hot_spots"] = {
+        name: summarise(Path(path), PROFILE_RATE_HZ, titles[name])
+        for name, path in result.get("profiles", {}).items()
+    }
     reset_simulator(simulator)
     return result
 
@@ -226,9 +268,13 @@ def _summarise(
         summary["peak_rss_mb"] = b["peak_rss_mb"]
         summary["mean_entries_per_request"] = b["simulator"]["mean_entries_per_request"]
         summary["mean_bytes_per_request"] = b["simulator"]["mean_bytes_per_request"]
-    summary["rate_limit"] = _rate_limit(phases.get("R"), sizes, args.rate_limit_rps)
-    limit = summary["rate_limit"]
+    summary["rate_limit"] = _rate_limit(phases.get("R"), sizes)
+    summary["rate_limit_binding"] = _rate_limit(phases.get("R_binding"), sizes)
+    limit, binding = summary["rate_limit"], summary["rate_limit_binding"]
     summary["rate_limited_efficiency"] = limit["efficiency"] if limit else None
+    summary["rate_limited_efficiency_binding"] = (
+        binding["efficiency"] if binding else None
+    )
     first = (phases.get("L") or [{}])[0]
     summary["p50_latency_ms"] = first.get("p50_ms")
     summary["p99_latency_ms"] = first.get("p99_ms")
@@ -236,27 +282,34 @@ def _summarise(
 
 
 def _rate_limit(
-    run: dict[str, Any] | None, sizes: data.EntrySizes, rps: float
+    run: dict[str, Any] | None, sizes: data.EntrySizes
 ) -> dict[str, Any] | None:
-    """R's records/s over what the limit allows for entries of this data's size."""
+    """R's records/s over what the limit allows for entries of this data's size:
+    the limit times the entries one request carries (the fewer of what fits in
+    max_request_bytes at the data's mean entry size, and max_entries)."""
     if not run:
         return None
-    defaults = load_settings().batch  # config/worker.toml, as the worker reads it
-    by_bytes = sizes.entries_per_request(defaults.max_request_bytes)
-    per_request = min(by_bytes, defaults.max_entries)
+    batch = load_settings().batch  # config/worker.toml, as the worker reads it
+    rps = run["rate_limit_rps"]
+    by_bytes = sizes.entries_per_request(batch.max_request_bytes)
+    per_request = min(by_bytes, batch.max_entries)
     ceiling = rps * per_request
+    achieved = run["records_per_s_delivering"]
+    totals = run["log_totals"]
     return {
         "rps": rps,
-        "mean_entry_bytes": sizes.mean_bytes,
+        "mean_entry_bytes": round(sizes.mean_bytes, 1),
         "entries_by_bytes": by_bytes,
-        "max_entries": defaults.max_entries,
+        "max_entries": batch.max_entries,
         "entries_per_request": per_request,
         "ceiling_records_per_s": ceiling,
-        "records_per_s": run["records_per_s"],
-        "records_per_s_steady": run["records_per_s_steady"],
-        "efficiency": round(run["records_per_s"] / ceiling, 3),
-        "efficiency_steady": round(run["records_per_s_steady"] / ceiling, 3),
-        "throttled": run["simulator"]["rate_limited"],
+        "records_per_s": achieved,
+        "efficiency": round(achieved / ceiling, 3),
+        "window_s": run["wall_s"],
+        "caught_up": run["caught_up"],
+        "requests_per_s": round(totals["requests"] / max(run["wall_s"], 1e-9), 1),
+        "mean_entries_per_request": totals["mean_entries_per_request"],
+        "throttled": totals["retries_after_429"],
     }
 
 

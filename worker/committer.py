@@ -69,6 +69,7 @@ class Committer:
     ) -> None:
         self._new_producer = new_producer
         self._producer = new_producer()
+        self._needs_abort = False
         self._dead_letter_topic = dead_letter_topic
         self._state_topic = state_topic
         self.transactions = 0
@@ -93,6 +94,8 @@ class Committer:
         """Write everything in one transaction; raise TransactionError on failure."""
         if not dead_letters and not state_updates and not offsets:
             return
+        if self._needs_abort:
+            self._finish_abort()
         producer = self._producer
         try:
             producer.begin_transaction()
@@ -151,22 +154,34 @@ class Committer:
             raise TransactionAbortedError(
                 f"transaction failed: {error.str()}; it will be committed again"
             ) from exc
-        try:
-            self._producer.abort_transaction(TRANSACTION_TIMEOUT_S)
-        except KafkaException as abort_exc:
-            raise TransactionError(
-                f"transaction failed ({error.str()}) and could not be aborted "
-                f"({abort_exc.args[0].str()})"
-            ) from exc
+        self._needs_abort = True
+        self._finish_abort()
         raise TransactionAbortedError(
             f"transaction aborted: {error.str()}; it will be committed again"
         ) from exc
+
+    def _finish_abort(self) -> None:
+        """Abort the failed transaction; if the broker cannot be reached, the
+        abort is resumed before the next transaction begins."""
+        try:
+            self._producer.abort_transaction(TRANSACTION_TIMEOUT_S)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.fatal():
+                log.warning("transactional_producer_restarted", error=error.str())
+                self._replace_producer()
+                return
+            raise TransactionAbortedError(
+                f"transaction abort not finished ({error.str()}); retrying"
+            ) from exc
+        self._needs_abort = False
 
     def _replace_producer(self) -> None:
         # The old producer is in a fatal state; it is dropped whatever flush says.
         with contextlib.suppress(KafkaException):
             self._producer.flush(0)
         self._producer = self._new_producer()
+        self._needs_abort = False
         self.start()
 
     def close(self, timeout_s: float = TRANSACTION_TIMEOUT_S) -> None:

@@ -12,12 +12,13 @@ One daemon thread serves three paths on ``[metrics] host`` and ``port``:
 ``HealthState`` holds the facts, set by the loop's thread (through
 ``Metrics``) and read by the server's; each fact is one attribute, so the GIL
 keeps every read whole and no lock is needed. The server answers GET and HEAD
-only, bounds the connections it serves at once and the time a client may take,
-and serves nothing secret.
+only, bounds the connections it serves at once (in all and per client address)
+and how long any of them may stay open, and serves nothing secret.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -46,10 +47,16 @@ READYZ_PATH = "/readyz"
 METRICS_PATH = "/metrics"
 # Probes and scrapes are a handful of requests every few seconds; more open
 # connections than this are dropped so a misbehaving client cannot pile up
-# threads in the worker's process.
-MAX_CONNECTIONS = 16
-# A client that has not sent its request line and headers by then is cut off.
+# threads in the worker's process...
+MAX_CONNECTIONS = 32
+# ...nor take them all: the kubelet (liveness and readiness at once) and
+# Prometheus each come from their own address.
+MAX_CONNECTIONS_PER_CLIENT = 4
+# A client silent this long in the middle of a request is cut off...
 REQUEST_TIMEOUT_S = 5.0
+# ...and any connection is cut off after this long, however it trickles bytes,
+# so slow clients cannot hold every slot and starve the kubelet's probes.
+REQUEST_DEADLINE_S = 10.0
 # How often serve_forever checks for close(): bounds how long close() takes.
 SHUTDOWN_POLL_S = 0.1
 
@@ -224,7 +231,10 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], responder: Responder) -> None:
         self.responder = responder
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        # Open connection -> (client address, cut-off time); at most
+        # MAX_CONNECTIONS entries, so scanning it is cheap.
+        self._open: dict[Any, tuple[str, float]] = {}
+        self._open_lock = threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
@@ -239,23 +249,48 @@ class _Server(ThreadingHTTPServer):
         )
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # too many at once: drop this one
+        if not self._admit(request, str(client_address[0])):
+            self.shutdown_request(request)  # over a limit: drop it unanswered
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._forget(request)
             raise
+
+    def _admit(self, request: Any, client: str) -> bool:
+        with self._open_lock:
+            clients = [c for c, _ in self._open.values()]
+            if (
+                len(clients) >= MAX_CONNECTIONS
+                or clients.count(client) >= MAX_CONNECTIONS_PER_CLIENT
+            ):
+                return False
+            self._open[request] = (client, time.monotonic() + REQUEST_DEADLINE_S)
+            return True
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._forget(request)
+
+    def _forget(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+
+    def service_actions(self) -> None:
+        """Cut off connections past their deadline (called every poll)."""
+        now = time.monotonic()
+        with self._open_lock:
+            expired = [r for r, (_, deadline) in self._open.items() if deadline < now]
+        for request in expired:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)  # its thread then ends
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.warning("health_request_failed", exc_info=True)
+        """A client that went away or was cut off: not the operator's concern."""
+        log.debug("health_request_failed", exc_info=True)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -43,16 +43,7 @@ LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Entries per request: 1 (a bisected culprit) up to max_entries (at most 10,000).
 ENTRIES_BUCKETS = (1, 10, 50, 100, 250, 500, 750, 1000, 2500, 10_000)
 # Request bodies stay under 500,000 bytes (Customer.io's 500 KB).
-BODY_BYTES_BUCKETS = (
-    1_000,
-    10_000,
-    50_000,
-    100_000,
-    200_000,
-    300_000,
-    400_000,
-    500_000,
-)
+BODY_BYTES_BUCKETS = (1e3, 1e4, 5e4, 1e5, 2e5, 3e5, 4e5, 5e5)
 
 
 class Metrics:

@@ -20,6 +20,7 @@ from worker.errors import ConfigError
 from worker.health import (
     HEALTHZ_PATH,
     MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_CLIENT,
     HealthServer,
     HealthState,
     Responder,
@@ -308,30 +309,94 @@ def test_serve_port_in_use_is_a_config_error_naming_the_setting() -> None:
             serve(MetricsSettings(host="127.0.0.1", port=port), Metrics())
 
 
-def test_serve_drops_connections_past_the_limit_and_keeps_answering(
+def connect_from(client: str, port: int) -> socket.socket:
+    """A connection from another loopback address (127.0.0.0/8 is all local)."""
+    return socket.create_connection(
+        ("127.0.0.1", port), timeout=5, source_address=(client, 0)
+    )
+
+
+def dropped_at_once(client: str, port: int) -> bool:
+    """Whether a request from ``client`` is closed unanswered; retried for a
+    while, since the server takes earlier connections one by one."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with connect_from(client, port) as extra:
+            extra.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            if extra.recv(1024) == b"":
+                return True
+    return False
+
+
+def test_serve_limits_connections_per_client_and_others_still_get_through(
     server: HealthServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Once MAX_CONNECTIONS idle connections are held, another is closed at
-    once; when they go away the probes answer again."""
+    """One client holding MAX_CONNECTIONS_PER_CLIENT idle connections has the
+    next one dropped, while another client's probe is answered."""
     monkeypatch.setattr(_Handler, "timeout", 10.0)
     idle = [
-        socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        for _ in range(MAX_CONNECTIONS)
+        connect_from("127.0.0.2", server.port)
+        for _ in range(MAX_CONNECTIONS_PER_CLIENT)
     ]
     try:
-        dropped = False
-        deadline = time.monotonic() + 5
-        while not dropped and time.monotonic() < deadline:
-            # Until the server has taken every idle one, this one may be served.
-            with socket.create_connection(("127.0.0.1", server.port), 5) as extra:
-                extra.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
-                dropped = extra.recv(1024) == b""
+        dropped = dropped_at_once("127.0.0.2", server.port)
+        other = get(server.url + "/healthz")[0]
+    finally:
+        for conn in idle:
+            conn.close()
+
+    assert dropped
+    assert other == 200
+
+
+def test_serve_drops_connections_past_the_total_limit_and_recovers(
+    server: HealthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With MAX_CONNECTIONS idle connections from several clients, a new one
+    is dropped; once they go away the probes answer again."""
+    monkeypatch.setattr(_Handler, "timeout", 10.0)
+    clients = [
+        f"127.0.0.{10 + i // MAX_CONNECTIONS_PER_CLIENT}"
+        for i in range(MAX_CONNECTIONS)
+    ]
+    idle = [connect_from(client, server.port) for client in clients]
+    try:
+        dropped = dropped_at_once("127.0.0.99", server.port)
     finally:
         for conn in idle:
             conn.close()
 
     assert dropped
     assert get(server.url + "/healthz")[0] == 200
+
+
+def test_serve_cuts_off_trickling_clients_after_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that keeps sending a header line now and then (slowloris) is
+    cut off at REQUEST_DEADLINE_S, though each read is within the timeout."""
+    monkeypatch.setattr("worker.health.REQUEST_DEADLINE_S", 0.5)
+    monkeypatch.setattr(_Handler, "timeout", 5.0)
+
+    with serving(LOOPBACK, Metrics()) as running:
+        slow = connect_from("127.0.0.3", running.port)
+        slow.sendall(b"GET /healthz HTTP/1.0\r\n")
+        started = time.monotonic()
+        cut = False
+        while not cut and time.monotonic() - started < 5:
+            try:
+                slow.sendall(b"X-Slow: 1\r\n")
+                slow.settimeout(0.2)
+                cut = slow.recv(1024) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                cut = True
+        slow.close()
+        waited = time.monotonic() - started
+
+    assert cut
+    assert waited < 3
 
 
 def test_serve_cuts_off_a_client_that_never_finishes_its_request(
