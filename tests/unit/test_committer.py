@@ -1,0 +1,169 @@
+"""Settling in one transaction, and what happens when a transaction fails."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from worker.committer import (
+    Committer,
+    DeadLetter,
+    TransactionAbortedError,
+    TransactionError,
+)
+from worker.state import StateUpdate
+
+
+class FakeProducer:
+    """Records transactional calls; raises the scripted errors in order."""
+
+    def __init__(self, failures: dict[str, list[KafkaError]] | None = None) -> None:
+        self.calls: list[str] = []
+        self.produced: list[tuple[str, Any]] = []
+        self.failures = failures or {}
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        queue = self.failures.get(name)
+        if queue:
+            raise KafkaException(queue.pop(0))
+
+    def init_transactions(self, timeout: float) -> None:
+        self._call("init")
+
+    def begin_transaction(self) -> None:
+        self._call("begin")
+
+    def produce(self, topic: str, **kwargs: Any) -> None:
+        self.produced.append((topic, kwargs))
+
+    def send_offsets_to_transaction(
+        self, offsets: Any, metadata: Any, timeout: float
+    ) -> None:
+        self._call("offsets")
+
+    def commit_transaction(self, timeout: float) -> None:
+        self._call("commit")
+
+    def abort_transaction(self, timeout: float) -> None:
+        self._call("abort")
+
+    def flush(self, timeout: float) -> int:
+        return 0
+
+
+def _committer(*producers: FakeProducer) -> Committer:
+    queue = list(producers)
+    committer = Committer(lambda: queue.pop(0), "dead", "state")
+    committer.start()
+    return committer
+
+
+def _commit(committer: Committer) -> None:
+    committer.commit(
+        [DeadLetter(b"k", b"v", [])],
+        [(0, StateUpdate(b"p\x00email:a", b"1"))],
+        {("persons", 0): 10},
+        group_metadata=object(),
+    )
+
+
+def test_commit_writes_dead_letters_state_and_offsets_in_one_transaction() -> None:
+    """One settle step is one transaction: begin, records, offsets, commit."""
+    producer = FakeProducer()
+    committer = _committer(producer)
+
+    _commit(committer)
+
+    assert producer.calls == ["init", "begin", "offsets", "commit"]
+    assert [topic for topic, _ in producer.produced] == ["dead", "state"]
+    assert producer.produced[1][1]["partition"] == 0
+
+
+def test_commit_nothing_to_write_starts_no_transaction() -> None:
+    """An empty settle step costs no round trip."""
+    producer = FakeProducer()
+    committer = _committer(producer)
+
+    committer.commit([], [], {}, group_metadata=object())
+
+    assert producer.calls == ["init"]
+
+
+def test_commit_retriable_commit_error_is_retried() -> None:
+    """A retriable commit failure is retried within the same transaction."""
+    error = KafkaError(KafkaError._TIMED_OUT, "slow", retriable=True)
+    producer = FakeProducer({"commit": [error]})
+    committer = _committer(producer)
+
+    _commit(committer)
+
+    assert producer.calls[-2:] == ["commit", "commit"]
+
+
+def test_commit_abortable_error_aborts_and_asks_to_commit_again() -> None:
+    """A rebalance moving the generation aborts the transaction; the caller is
+    told to commit the same content again."""
+    error = KafkaError(KafkaError.ILLEGAL_GENERATION, "gen", txn_requires_abort=True)
+    producer = FakeProducer({"offsets": [error]})
+    committer = _committer(producer)
+
+    with pytest.raises(TransactionAbortedError):
+        _commit(committer)
+    _commit(committer)
+
+    assert producer.calls == [
+        "init",
+        "begin",
+        "offsets",
+        "abort",
+        "begin",
+        "offsets",
+        "commit",
+    ]
+
+
+def test_commit_abort_timing_out_is_resumed_before_the_next_transaction() -> None:
+    """With the broker away, the abort itself times out; it is finished before
+    the next transaction begins, never skipped."""
+    commit_error = KafkaError(KafkaError._TRANSPORT, "down", txn_requires_abort=True)
+    abort_error = KafkaError(KafkaError._TIMED_OUT, "down", retriable=True)
+    producer = FakeProducer({"commit": [commit_error], "abort": [abort_error]})
+    committer = _committer(producer)
+
+    with pytest.raises(TransactionAbortedError):
+        _commit(committer)
+    _commit(committer)
+
+    assert producer.calls == [
+        "init", "begin", "offsets", "commit", "abort",
+        "abort", "begin", "offsets", "commit",
+    ]  # fmt: skip
+
+
+def test_commit_fatal_error_replaces_the_producer() -> None:
+    """A producer in a fatal state (not fenced) is replaced by a new one with
+    the same transactional id, and the content is committed again."""
+    fatal = KafkaError(KafkaError.INVALID_TXN_STATE, "lost", fatal=True)
+    first, second = FakeProducer({"commit": [fatal]}), FakeProducer()
+    committer = _committer(first, second)
+
+    with pytest.raises(TransactionAbortedError):
+        _commit(committer)
+    _commit(committer)
+
+    assert second.calls == ["init", "begin", "offsets", "commit"]
+
+
+def test_commit_fenced_stops_the_worker() -> None:
+    """A newer producer with the same id fences this one: stop, never retry."""
+    fenced = KafkaError(KafkaError.PRODUCER_FENCED, "fenced", fatal=True)
+    producer = FakeProducer({"commit": [fenced]})
+    committer = _committer(producer)
+
+    with pytest.raises(TransactionError, match="fenced") as caught:
+        _commit(committer)
+
+    assert not isinstance(caught.value, TransactionAbortedError)
