@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-unit test-integration lint format typecheck \
-        broker-start broker-stop lock clean
+        broker-start broker-stop lock clean bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -24,6 +24,10 @@ install: $(STAMP) ## create .venv with the locked dependencies and fetch the Kaf
 
 demo: install ## run the main job on a local broker, simulator and sample data
 	$(BIN)/python -m worker.sandbox.demo
+
+bench: install ## benchmark on its own broker (port 19292); BENCH_ARGS="--records 50000"
+	$(BIN)/pip install --quiet -r bench/requirements.txt
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 test: install ## run the unit and integration tests (starts and stops the broker)
 	$(BIN)/python -m pytest tests

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from bench.data import RecordMaker, Topics, bulk_producer, paced, produce
-from bench.monitor import GroupProgress, run_child
+from bench.monitor import GroupProgress, batch_log_totals, run_child
 from bench.phases import Context, worker_env
 from bench.services import Server, reset_simulator, simulator_state
 
@@ -25,6 +25,9 @@ DRAIN_TIMEOUT_S = 120.0
 FLUSH_TIMEOUT_S = 30.0
 # The producer's own linger: small, so it adds little to what is measured.
 PRODUCER_LINGER_MS = 5
+# A worker that dies before it is assigned its partitions is started again.
+STARTS = 2
+LATENCY_WINDOW_S = 5
 
 
 class SteadyProducer(threading.Thread):
@@ -38,16 +41,22 @@ class SteadyProducer(threading.Thread):
         self.rate_per_s, self.duration_s = rate_per_s, duration_s
         self.ready = threading.Event()
         self.done = threading.Event()
+        self._cancelled = False
         self.produced = 0
         self.events = 0
         self.seconds = 0.0
 
     def run(self) -> None:
         try:
-            if self.ready.wait(READY_TIMEOUT_S):
+            if self.ready.wait(READY_TIMEOUT_S) and not self._cancelled:
                 self._produce()
         finally:
             self.done.set()
+
+    def cancel(self) -> None:
+        """Release the thread; it writes nothing if it had not started."""
+        self._cancelled = not self.ready.is_set()
+        self.ready.set()
 
     def _produce(self) -> None:
         people = max(int(self.rate_per_s * self.duration_s * 0.3), 1)
@@ -75,7 +84,29 @@ def run_latency(
     duration_s: float,
     linger_ms: int,
 ) -> dict[str, Any]:
-    """Offer a steady load to an always-on worker; return latency percentiles."""
+    """Offer a steady load to an always-on worker; return latency percentiles.
+
+    A worker that fails before it has its partitions is started once more on
+    fresh topics, and the failure is reported beside the result.
+    """
+    failures: list[str] = []
+    for attempt in range(1, STARTS + 1):
+        result = _attempt(ctx, simulator, rate_per_s, duration_s, linger_ms)
+        if result["exit_code"] == 0 or result["produced"] or attempt == STARTS:
+            break
+        failures.append(result.pop("log_tail"))
+    result.pop("log_tail", None)
+    result["failed_starts"] = failures
+    return result
+
+
+def _attempt(
+    ctx: Context,
+    simulator: Server,
+    rate_per_s: float,
+    duration_s: float,
+    linger_ms: int,
+) -> dict[str, Any]:
     topics = Topics.fresh(f"latency{linger_ms}")
     topics.create(ctx.bootstrap)
     reset_simulator(simulator)
@@ -100,14 +131,19 @@ def run_latency(
         stop_when=stop_when,
     )
     progress.close()
-    producer.ready.set()  # release the thread if the worker never got ready
+    producer.cancel()
     producer.join(duration_s + FLUSH_TIMEOUT_S + 10)
     state, _ = simulator_state(simulator)
-    latencies = sorted(
-        event["accepted_at"] * 1000 - event["attributes"]["bench_sent_us"] / 1000
+    sent_and_latency = sorted(
+        (
+            event["attributes"]["bench_sent_us"] / 1e6,
+            event["accepted_at"] * 1000 - event["attributes"]["bench_sent_us"] / 1000,
+        )
         for event in state["events"]
         if "bench_sent_us" in event.get("attributes", {})
     )
+    latencies = sorted(latency for _, latency in sent_and_latency)
+    totals = batch_log_totals(log_path)
     return {
         "linger_ms": linger_ms,
         "offered_records_per_s": rate_per_s,
@@ -124,7 +160,26 @@ def run_latency(
         "p90_ms": percentile(latencies, 90),
         "p99_ms": percentile(latencies, 99),
         "max_ms": round(latencies[-1], 1) if latencies else None,
+        "p50_ms_by_window": _by_window(sent_and_latency),
+        "requests_per_s": round(totals["requests"] / max(producer.seconds, 1e-9), 1),
+        "mean_entries_per_request": totals["mean_entries_per_request"],
+        "mean_request_latency_ms": totals["mean_request_latency_ms"],
+        "log_tail": _read(log_path)[-1500:].decode(errors="replace"),
     }
+
+
+def _by_window(points: list[tuple[float, float]]) -> list[list[float]]:
+    """[seconds since the first send, p50 ms] per LATENCY_WINDOW_S of sends."""
+    if not points:
+        return []
+    first = points[0][0]
+    windows: dict[int, list[float]] = {}
+    for sent, latency in points:
+        windows.setdefault(int((sent - first) // LATENCY_WINDOW_S), []).append(latency)
+    return [
+        [index * LATENCY_WINDOW_S, percentile(sorted(values), 50) or 0.0]
+        for index, values in sorted(windows.items())
+    ]
 
 
 def percentile(values: list[float], pct: float) -> float | None:

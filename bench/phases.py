@@ -23,6 +23,7 @@ from bench.services import API_KEY, SITE_ID, Server, get_json, simulator_state
 # A run slower than this many records per second is cut off by its timeout.
 SLOWEST_RECORDS_PER_S = 2_000
 MIN_TIMEOUT_S = 120.0
+STARTS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,27 @@ def _reader_result(run: ChildRun, expected: int) -> dict[str, Any]:
 
 
 def run_worker(
+    ctx: Context, simulator: Server, label: str, **options: Any
+) -> dict[str, Any]:
+    """B (and R, P): ``python -m worker run --until-caught-up`` on the backlog.
+
+    With ``window_s`` the worker gets SIGTERM after that long if it has not
+    caught up, and rates are taken over the window it delivered in. A worker
+    that fails before delivering anything is started once more (in a new
+    group), and the failure is kept in ``failed_starts``.
+    """
+    failures: list[str] = []
+    for attempt in range(1, STARTS + 1):
+        result = _run_worker_once(ctx, simulator, f"{label}{attempt}", **options)
+        if result["exit_code"] == 0 or result["records"] or attempt == STARTS:
+            break
+        log = ctx.work_dir / f"worker-{label}{attempt}.log"
+        failures.append(log.read_text(errors="replace")[-1500:])
+    result["failed_starts"] = failures
+    return result
+
+
+def _run_worker_once(
     ctx: Context,
     simulator: Server,
     label: str,
@@ -138,11 +160,6 @@ def run_worker(
     window_s: float | None = None,
     fetch_state: bool = True,
 ) -> dict[str, Any]:
-    """B (and R, P): ``python -m worker run --until-caught-up`` on the backlog.
-
-    With ``window_s`` the worker gets SIGTERM after that long if it has not
-    caught up, and rates are taken over the window it delivered in.
-    """
     group = f"{ctx.topics.person.split('.')[0]}-{label}"
     env = worker_env(ctx, ctx.topics, simulator, group, **(extra_env or {}))
     progress = GroupProgress(
