@@ -53,7 +53,7 @@ from worker.ratelimit import RateLimiter
 from worker.rejects import Reject, dead_letter_records
 from worker.settings import Settings, kafka_client_config
 from worker.state import EventDedupe, PartitionState, PersonDedupe, StateUpdate
-from worker.statestore import ensure_state_topic, restore
+from worker.statestore import ensure_state_topic, restore, watermarks
 from worker.track import TrackClient
 
 log = structlog.get_logger(__name__)
@@ -677,7 +677,7 @@ class Worker:
             key = (tp.topic, tp.partition)
             self._buffers[key] = PartitionBuffer(tp.topic, tp.partition, self._limits)
             if self.until_caught_up and key not in self._end:
-                _, high = consumer.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S)
+                _, high = watermarks(consumer, tp)
                 self._end[key] = high
         self._load_state(partitions)
         self._update_share()

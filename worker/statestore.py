@@ -14,7 +14,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
@@ -70,6 +76,48 @@ def ensure_state_topic(
     return partitions
 
 
+# Answers that mean "ask again shortly": a topic just created has no leader
+# yet, or leadership is moving.
+RETRIABLE_METADATA_CODES = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+    }
+)
+WATERMARK_TIMEOUT_S = 10.0
+WATERMARK_DEADLINE_S = 60.0
+
+
+def watermarks(consumer: Consumer, partition: TopicPartition) -> tuple[int, int]:
+    """(low, high) offsets of a partition, asking again while it has no leader.
+
+    Raises TransientError if no answer came within WATERMARK_DEADLINE_S.
+    """
+    deadline = time.monotonic() + WATERMARK_DEADLINE_S
+    wait_s = 0.1
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(
+                partition, timeout=WATERMARK_TIMEOUT_S
+            )
+            return int(low), int(high)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.code() not in RETRIABLE_METADATA_CODES:
+                raise TransientError(f"cannot read offsets: {error.str()}") from exc
+            if time.monotonic() + wait_s > deadline:
+                raise TransientError(
+                    f"no leader for {partition.topic}[{partition.partition}] "
+                    f"after {WATERMARK_DEADLINE_S:.0f} s: {error.str()}"
+                ) from exc
+            log.debug("watermarks_retry", error=error.str(), wait_s=wait_s)
+            time.sleep(wait_s)
+            wait_s = min(wait_s * 2, 2.0)
+
+
 def restore(
     config: dict[str, Any],
     topic: str,
@@ -106,9 +154,7 @@ def restore(
     try:
         pending = set()
         for p in wanted:
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(topic, p), timeout=ADMIN_TIMEOUT_S
-            )
+            low, high = watermarks(consumer, TopicPartition(topic, p))
             if high > low:
                 pending.add(p)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])

@@ -165,6 +165,7 @@ def _trial(
     }
 
 
+@pytest.mark.timeout(1500)
 def test_kill_9_during_delivery_then_restart_loses_nothing_and_doubles_nothing(
     worker_env: dict[str, str],
     simulator: TrackSimulator,
