@@ -31,8 +31,19 @@ POLL_TIMEOUT_S = 0.1
 METADATA_TIMEOUT_S = 10.0
 
 
-def assigned_consumer(bootstrap: str, topics: list[str], group: str) -> Consumer:
-    """A consumer on every partition of ``topics`` from the start, no group join."""
+Ends = dict[tuple[str, int], int]
+
+
+def assigned_consumer(
+    bootstrap: str, topics: list[str], group: str, sample: int | None = None
+) -> tuple[Consumer, Ends]:
+    """A consumer on every partition of ``topics`` from the start, no group join,
+    and where to stop in each partition.
+
+    With a ``sample``, each partition is read only to its share of it, so a
+    sample keeps the topics' mix of people and events (read whole, the first
+    thousands of records would all come from whichever partitions answer first).
+    """
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -42,23 +53,33 @@ def assigned_consumer(bootstrap: str, topics: list[str], group: str) -> Consumer
         }
     )
     metadata = consumer.list_topics(timeout=METADATA_TIMEOUT_S)
-    consumer.assign(
-        [
-            TopicPartition(topic, partition, OFFSET_BEGINNING)
-            for topic in topics
-            for partition in metadata.topics[topic].partitions
-        ]
-    )
-    return consumer
+    partitions = [
+        TopicPartition(topic, partition, OFFSET_BEGINNING)
+        for topic in topics
+        for partition in metadata.topics[topic].partitions
+    ]
+    highs = {
+        (tp.topic, tp.partition): consumer.get_watermark_offsets(
+            tp, timeout=METADATA_TIMEOUT_S
+        )[1]
+        for tp in partitions
+    }
+    total = max(sum(highs.values()), 1)
+    if sample is not None and sample < total:
+        highs = {tp: round(sample * high / total) for tp, high in highs.items()}
+    consumer.assign(partitions)
+    return consumer, highs
 
 
 def read_records(
     consumer: Consumer,
-    limit: int,
+    ends: Ends,
     timeout_s: float,
     handle: Callable[[Any], None],
 ) -> dict[str, float]:
-    """Feed up to ``limit`` messages to ``handle``; print progress as JSON lines."""
+    """Feed each partition's messages up to its end to ``handle``; print
+    progress as JSON lines."""
+    limit = sum(ends.values())
     started = time.monotonic()
     deadline = started + timeout_s
     count, first_s, next_sample = 0, 0.0, started
@@ -66,12 +87,12 @@ def read_records(
         for message in consumer.consume(CONSUME_BATCH, timeout=POLL_TIMEOUT_S):
             if message.error() is not None:
                 continue
+            if message.offset() >= ends[(message.topic(), message.partition())]:
+                continue  # past this partition's share of the sample
             if not first_s:
                 first_s = time.monotonic() - started
             handle(message)
             count += 1
-            if count >= limit:
-                break
         now = time.monotonic()
         if now >= next_sample:
             _emit({"t": round(now - started, 3), "n": count})
@@ -105,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         reader(io.BytesIO(message.value()), schemas[message.topic()], None)
 
     topics = [args.person_topic, args.event_topic]
-    consumer = assigned_consumer(args.bootstrap, topics, "bench-ceiling")
+    consumer, ends = assigned_consumer(args.bootstrap, topics, "bench-ceiling")
     try:
-        summary = read_records(consumer, args.records, args.timeout_s, decode)
+        summary = read_records(consumer, ends, args.timeout_s, decode)
     finally:
         consumer.close()
     _emit({"summary": summary})

@@ -74,14 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         (identify if person else track)(client, record)
 
     topics = [args.person_topic, args.event_topic]
-    consumer = assigned_consumer(args.bootstrap, topics, "bench-naive")
+    consumer, ends = assigned_consumer(
+        args.bootstrap, topics, "bench-naive", args.records
+    )
     try:
-        summary = read_records(consumer, args.records, args.timeout_s, deliver)
+        summary = read_records(consumer, ends, args.timeout_s, deliver)
     finally:
         consumer.close()
         client.close()
     print(json.dumps({"summary": summary}), flush=True)
-    return 0 if summary["records"] == args.records else 1
+    return 0 if summary["records"] == sum(ends.values()) else 1
 
 
 if __name__ == "__main__":

@@ -222,13 +222,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(settings: Settings, *, until_caught_up: bool) -> int:
     from worker.archive import background_archiver
+    from worker.health import serving
     from worker.loop import Worker  # imported late: keeps `config show` light
+    from worker.metrics import Metrics
 
     try:
-        worker = Worker(settings, until_caught_up=until_caught_up)
-        worker.install_signal_handlers()
-        with background_archiver(settings):  # a no-op unless [archive] enabled
-            counters = worker.run()
+        metrics = Metrics()
+        with serving(settings.metrics, metrics):
+            worker = Worker(settings, until_caught_up=until_caught_up, metrics=metrics)
+            worker.install_signal_handlers()
+            with background_archiver(settings):  # a no-op unless [archive] enabled
+                counters = worker.run()
     except ConfigError as exc:
         log.error("configuration_error", error=str(exc))
         print(f"cio-worker: configuration error: {exc}", file=sys.stderr)

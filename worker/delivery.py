@@ -22,6 +22,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_nev
 from tenacity.wait import wait_random_exponential
 
 from worker.errors import CredentialsError, TransientError, WorkerError
+from worker.metrics import Metrics
 from worker.ratelimit import RateLimiter
 from worker.track import BatchResponse, ThrottledError, TrackClient
 
@@ -67,8 +68,10 @@ class Deliverer:
         max_wait_s: float = 30.0,
         retry_after_max_s: float = 120.0,
         limiter: RateLimiter | None = None,
+        metrics: Metrics | None = None,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
+        self._metrics = metrics
         self._client = client
         self._stop = stop
         self._max_wait_s = max_wait_s
@@ -128,10 +131,17 @@ class Deliverer:
                 if self._stop.is_set():
                     raise AbandonedError("shutdown during delivery")
                 if self._limiter is not None:
-                    outcome.rate_wait_s += self._limiter.acquire(self._sleep)
+                    waited = self._limiter.acquire(self._sleep)
+                    outcome.rate_wait_s += waited
+                    if waited and self._metrics is not None:
+                        self._metrics.record_rate_limit_wait(waited)
                 outcome.attempts += 1
                 response = self._client.post_batch(body)
         self.credentials_failing.clear()
+        if self._metrics is not None:
+            self._metrics.observe_request(
+                response.status, response.latency_s, len(entries), len(body)
+            )
         outcome.requests += 1
         outcome.last_status = response.status
         outcome.latency_s += response.latency_s
@@ -153,6 +163,8 @@ class Deliverer:
     def _log_retry(self, state: RetryCallState, context: dict[str, Any]) -> None:
         error = state.outcome.exception() if state.outcome else None
         wait_s = round(state.upcoming_sleep, 3)
+        if self._metrics is not None and error is not None:
+            self._metrics.record_retry(error, wait_s)
         if isinstance(error, CredentialsError):
             self.credentials_failing.set()
             log.error(

@@ -48,6 +48,7 @@ from worker.committer import (
 from worker.delivery import AbandonedError, Deliverer, Outcome
 from worker.errors import ConfigError, TransientError, WorkerError
 from worker.mapping import serialize
+from worker.metrics import Metrics, consumer_lags
 from worker.pipeline import build_routes, to_item
 from worker.ratelimit import RateLimiter
 from worker.rejects import Reject, dead_letter_records
@@ -64,6 +65,7 @@ POLL_TIMEOUT_S = 0.05
 CONSUME_BATCH = 1000
 METADATA_TIMEOUT_S = 10.0
 EXPIRY_INTERVAL_S = 60.0
+REPORT_INTERVAL_S = 1.0
 # Waits before re-reading a partition held by a passing fault, doubling to a cap.
 HOLD_FIRST_S = 1.0
 # An aborted transaction is committed again on the next turns; this many aborts
@@ -120,6 +122,7 @@ class Worker:
         ranges: Ranges | None = None,
         ignore_state: bool = False,
         progress: Callable[[int], None] | None = None,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -130,6 +133,7 @@ class Worker:
         self._ranges = ranges
         self._ignore_state = ignore_state
         self._progress = progress
+        self.metrics = metrics or Metrics()
         self._clock = clock
         self._wall_clock = wall_clock
         self._stop_requested = threading.Event()
@@ -158,6 +162,7 @@ class Worker:
             max_wait_s=track.retry_max_wait_s,
             retry_after_max_s=track.retry_after_max_s,
             limiter=self._limiter,
+            metrics=self.metrics,
         )
         self._input_partitions = 0
         self._deadline: float | None = None
@@ -181,6 +186,7 @@ class Worker:
         self._aborted_in_a_row = 0
         self._retry_commit_at = 0.0
         self._next_expiry = 0.0
+        self._next_report = 0.0
         self._consumer: Consumer | None = None
         self._committer: Committer | None = None
 
@@ -340,6 +346,7 @@ class Worker:
         self._apply_backpressure()
         self._release_held(self._clock())
         self._expire_events()
+        self._report(self._clock())
         if self._progress is not None:
             self._progress(self.counters.consumed)
 
@@ -382,6 +389,7 @@ class Worker:
             self._hold(tp, offset, now, exc)
             return
         self.counters.consumed += 1
+        self.metrics.record_consumed(tp[0])
         item.offset = offset
         self._dedupe(item, record.partition())
         buffer.add(item, now)
@@ -549,6 +557,7 @@ class Worker:
             return False
         self._aborted_in_a_row = 0
         self._retry_commit_at = 0.0
+        self.metrics.record_transaction()
         self._unsettled_letters.clear()
         self._unsettled_offsets.clear()
         self._pending_state = []
@@ -566,6 +575,9 @@ class Worker:
                 DeadLetter(*record) for record in dead_letter_records(message, reject)
             ]
             self.counters.rejected += 1
+            self.metrics.record_dead_lettered(
+                message.topic(), reject.stage, reject.reason
+            )
             self.counters.by_reason[reject.reason] = (
                 self.counters.by_reason.get(reject.reason, 0) + 1
             )
@@ -600,8 +612,10 @@ class Worker:
     def _count_and_log(self, batch: Batch, outcome: Outcome) -> None:
         entries = batch.entry_count
         api_rejected = len(outcome.rejected)
+        skipped = sum(1 for item in batch.items if item.skipped)
         self.counters.delivered += entries - api_rejected
-        self.counters.skipped += sum(1 for item in batch.items if item.skipped)
+        self.counters.skipped += skipped
+        self.metrics.record_batch(batch.topic, entries - api_rejected, skipped)
         self.counters.batches += 1
         self.counters.requests += outcome.requests
         if entries:
@@ -681,6 +695,7 @@ class Worker:
                 self._end[key] = high
         self._load_state(partitions)
         self._update_share()
+        self.metrics.set_assigned(len(self._buffers))
         log.info(
             "partitions_assigned",
             partitions=_names(partitions),
@@ -701,7 +716,15 @@ class Worker:
         missing = sorted(p for p in needed if p not in self._states)
         if missing:
             config = kafka_client_config(self.settings, "admin")
-            self._states.update(restore(config, self.settings.state_topic, missing))
+            self.metrics.restore_started(len(missing))
+            restored = restore(
+                config,
+                self.settings.state_topic,
+                missing,
+                progress=self.metrics.restore_progress,
+            )
+            self._states.update(restored)
+            self.metrics.restore_finished(sum(len(s) for s in self._states.values()))
 
     def _state_partition_count(self) -> int:
         assert self._consumer is not None
@@ -741,6 +764,23 @@ class Worker:
             if item.state_update is not None and state is not None:
                 state.revert(item.state_update)
 
+    def _report(self, now: float) -> None:
+        """Heartbeat every turn; gauges (lag, buffers, rate) every second."""
+        self.metrics.heartbeat()
+        if now < self._next_report:
+            return
+        self._next_report = now + REPORT_INTERVAL_S
+        assert self._consumer is not None
+        self.metrics.set_buffered_bytes(self.buffered_bytes)
+        self.metrics.set_rate_limit(self._limiter.rate)
+        self.metrics.set_credentials_paused(
+            self._deliverer.credentials_failing.is_set()
+        )
+        if self._buffers:
+            self.metrics.set_lags(
+                consumer_lags(self._consumer, self._buffers, self._eof)
+            )
+
     def _update_share(self) -> None:
         """Take this process's share of the workspace's request rate."""
         if self._ranges is None:
@@ -766,6 +806,8 @@ class Worker:
         for tp in partitions:
             self._held.pop(tp, None)
         self._update_share()
+        self.metrics.forget_partitions(partitions)
+        self.metrics.set_assigned(len(self._buffers))
 
 
 def _rejects_of(batch: Batch, outcome: Outcome) -> list[tuple[Item, Reject]]:

@@ -98,6 +98,9 @@ def worker_env(
         "CIO_KAFKA__EVENT_TOPIC": topics.event,
         "CIO_KAFKA__DEAD_LETTER_TOPIC": topics.dead_letter,
         "CIO_LOG__FORMAT": "json",
+        # Several workers run at once: each serves metrics on a free loopback port.
+        "CIO_METRICS__HOST": "127.0.0.1",
+        "CIO_METRICS__PORT": "0",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -121,6 +121,8 @@ def _prepare(
         "CIO_BATCH__LINGER_MS": "50",
         "CIO_TRACK__RETRY_MAX_WAIT_S": "2",
         "CIO_LOG__FORMAT": "json",
+        "CIO_METRICS__HOST": "127.0.0.1",
+        "CIO_METRICS__PORT": "0",
         **settings,
     }
     return Run(bootstrap, env, *names, people, ids)

@@ -90,6 +90,8 @@ def _run_demo(
         CIO_KAFKA__EVENT_TOPIC=topics["event"],
         CIO_KAFKA__DEAD_LETTER_TOPIC=topics["dead_letter"],
         CIO_LOG__FORMAT="json",
+        CIO_METRICS__HOST="127.0.0.1",
+        CIO_METRICS__PORT="0",
     )
     started = time.monotonic()
     result = subprocess.run(
