@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         if broker is not None:
             broker.stop()
     print(json.dumps(summary), flush=True)
-    balanced = summary["delivered"] + summary["rejected"] == summary["consumed"]
+    handled = summary["delivered"] + summary["rejected"] + summary["skipped"]
+    balanced = handled == summary["consumed"]
     expected = summary["rejected"] == summary["expected_rejected"]
     return 0 if balanced and expected and summary["exit_code"] == 0 else 1
 
@@ -108,6 +109,7 @@ def _run_demo(
         "consumed": counters.get("consumed", 0),
         "delivered": counters.get("delivered", 0),
         "rejected": counters.get("rejected", 0),
+        "skipped": counters.get("skipped", 0),
         "expected_rejected": sample.expected_rejects,
         "produced": len(sample.records),
         "rejected_by_reason": counters.get("rejected_by_reason", {}),

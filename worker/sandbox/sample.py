@@ -120,7 +120,7 @@ def bad_records(person_schema: Any, event_schema: Any) -> list[SampleRecord]:
                 "event",
                 email.encode(),
                 encode(event_schema, event),
-                ("api", "event_name_too_long"),
+                ("validate", "event_name_too_long"),
             )
         )
     for n in range(3):
@@ -131,7 +131,7 @@ def bad_records(person_schema: Any, event_schema: Any) -> list[SampleRecord]:
                 "person",
                 email.encode(),
                 encode(person_schema, person),
-                ("api", "attribute_value_too_long"),
+                ("validate", "attribute_value_too_long"),
             )
         )
     for n in range(3):
@@ -140,7 +140,7 @@ def bad_records(person_schema: Any, event_schema: Any) -> list[SampleRecord]:
                 "event",
                 f"garbage-{n}".encode(),
                 b'{"person_email": "not avro"}',
-                ("decode", "bad_avro"),
+                ("decode", "not_avro"),
             )
         )
     return records
