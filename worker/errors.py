@@ -25,6 +25,8 @@ class TransientError(WorkerError):
 class CredentialsError(TransientError):
     """The Track API refused the site id or API key (401 or 403)."""
 
+    status: int | None = None
+
 
 class InvalidRecordError(WorkerError):
     """A record that can never be delivered as it is.

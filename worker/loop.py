@@ -380,6 +380,7 @@ class Worker:
         route = self._routes.get(record.topic())
         if route is None:
             self.counters.consumed += 1
+            self.metrics.record_consumed(record.topic())
             reject = Reject("decode", "unknown_topic", "not a person or event topic")
             buffer.add(Item(offset, record, reject=reject), now)
             return
@@ -389,7 +390,7 @@ class Worker:
             self._hold(tp, offset, now, exc)
             return
         self.counters.consumed += 1
-        self.metrics.record_consumed(tp[0])
+        self.metrics.record_consumed(record.topic())
         item.offset = offset
         self._dedupe(item, record.partition())
         buffer.add(item, now)
@@ -535,6 +536,7 @@ class Worker:
         ]
         updates = [u for u in self._pending_state if u[0] in self._states]
         metadata = self._consumer.consumer_group_metadata() if grouped else None
+        before = self._committer.transactions
         try:
             self._committer.commit(
                 letters, updates, self._unsettled_offsets if grouped else {}, metadata
@@ -557,7 +559,7 @@ class Worker:
             return False
         self._aborted_in_a_row = 0
         self._retry_commit_at = 0.0
-        self.metrics.record_transaction()
+        self.metrics.record_transaction(self._committer.transactions - before)
         self._unsettled_letters.clear()
         self._unsettled_offsets.clear()
         self._pending_state = []

@@ -209,7 +209,7 @@ class Metrics:
         self.health.heartbeat()
 
     def restore_finished(self, keys: int) -> None:
-        """The running restore ended with ``keys`` keys in the restored partitions."""
+        """The running restore ended; ``keys``: keys the state holds now."""
         if self.restore_started_at is not None:
             self.restore_seconds = self._clock() - self.restore_started_at
         self.restore_started_at = None
@@ -396,7 +396,7 @@ class _LoopCollector(Collector):
         )
         yield GaugeMetricFamily(
             "cio_worker_state_restored_keys",
-            "Keys in the state partitions of the last finished restore.",
+            "Keys in the state this worker holds, as of the last restore.",
             value=m.restored_keys,
         )
         yield GaugeMetricFamily(

@@ -41,6 +41,9 @@ SECTION_SECRET_KEYS = {
 }
 # librdkafka property names that carry credentials, masked when shown.
 SECRET_PROPERTY_WORDS = ("password", "secret", "token", "key")
+PLAIN_SASL_PROPERTIES = frozenset(
+    {"sasl.mechanism", "sasl.mechanisms", "sasl.username", "sasl.kerberos.service.name"}
+)
 REGISTRY_PASSWORD_ENV = "CIO_SCHEMAS__REGISTRY_PASSWORD"  # noqa: S105 (a name)
 
 
@@ -477,11 +480,19 @@ class Settings(BaseSettings):
 
 
 def mask_properties(properties: Mapping[str, str]) -> dict[str, str]:
-    """Copy librdkafka properties with credential values masked."""
+    """Copy librdkafka properties with credential values masked: any name with
+    a secret-sounding word, and every sasl.* value but a few plain ones (a
+    sasl.jaas.config or sasl.oauthbearer.config holds credentials)."""
     return {
-        key: "**********" if any(w in key for w in SECRET_PROPERTY_WORDS) else value
+        key: "**********" if _is_secret_property(key) else value
         for key, value in properties.items()
     }
+
+
+def _is_secret_property(key: str) -> bool:
+    if any(word in key for word in SECRET_PROPERTY_WORDS):
+        return True
+    return key.startswith("sasl.") and key not in PLAIN_SASL_PROPERTIES
 
 
 def load_settings(path: Path | None = None) -> Settings:

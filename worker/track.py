@@ -108,10 +108,12 @@ class TrackClient:
         if status in (400, 413):
             return BatchResponse(status, latency_s, request_error=_text(response))
         if status in CREDENTIAL_STATUSES:
-            raise CredentialsError(
+            error = CredentialsError(
                 f"Track API refused the site id and API key ({status}); delivery is "
                 "paused until CIO_SITE_ID and CIO_API_KEY are valid"
             )
+            error.status = status
+            raise error
         if status in RETRYABLE_STATUSES:
             raise ThrottledError(status, parse_retry_after(response.headers))
         raise TransientError(f"Track API answered {status}: {_text(response)}")
