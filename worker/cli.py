@@ -121,7 +121,8 @@ def _add_replay(commands: Any) -> None:
             "Deliver a range of the person or event topic again. Runs beside the live "
             "group without moving its offsets; records already delivered are skipped "
             "by the state unless --ignore-state. TIME is ISO-8601 (UTC if no zone) or "
-            "Unix milliseconds. Exit codes: 0 done, 1 failed, 2 bad arguments."
+            "Unix seconds or milliseconds. Exit codes: 0 done, 1 failed, 2 bad "
+            "arguments."
         ),
     )
     replay.add_argument("--topic", required=True, help="the person or event topic")

@@ -58,6 +58,14 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
 def redrive(settings: Settings, args: argparse.Namespace) -> int:
     """Process matching dead letters again, as the records they were."""
     topic = settings.kafka.dead_letter_topic
+    inputs = {settings.kafka.person_topic, settings.kafka.event_topic}
+    unknown = sorted(set(args.source_topic) - inputs)
+    if unknown:
+        raise ConfigError(
+            f"--source-topic {', '.join(unknown)} is not the person or event topic "
+            f"({', '.join(sorted(inputs))}); set CIO_KAFKA__PERSON_TOPIC / "
+            "CIO_KAFKA__EVENT_TOPIC to the topics those records came from"
+        )
     start = (
         Position("time", parse_time(args.since))
         if args.since
@@ -81,7 +89,13 @@ def redrive(settings: Settings, args: argparse.Namespace) -> int:
 def reset_offsets(settings: Settings, args: argparse.Namespace) -> int:
     """Set the group's committed offsets; print the plan; change nothing if dry."""
     kafka = settings.kafka
-    topics = [args.topic] if args.topic else [kafka.person_topic, kafka.event_topic]
+    inputs = [kafka.person_topic, kafka.event_topic]
+    if args.topic and args.topic not in inputs:
+        raise ConfigError(
+            f"--topic {args.topic} is neither the person topic ({kafka.person_topic}) "
+            f"nor the event topic ({kafka.event_topic})"
+        )
+    topics = [args.topic] if args.topic else inputs
     if args.to_beginning:
         target = Position("beginning")
     elif args.to_end:

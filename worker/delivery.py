@@ -6,7 +6,7 @@ alone. Everything else (connection errors, timeouts, 408, 429, 5xx, 401, 403)
 is retried with exponential backoff and jitter until it works or the worker
 shuts down, so an outage pauses delivery and never turns good records into dead
 letters. A whole-request 400 or 413 for several entries is bisected, and so is a
-207 whose errors name no entry or one outside the request; re-sending is
+207 whose errors name no entry, none at all, or one outside the request; re-sending is
 harmless because identify is idempotent and every event carries an id.
 """
 
@@ -94,10 +94,13 @@ class Deliverer:
     ) -> None:
         response = self._post(entries, outcome, context)
         misplaced = any(not 0 <= i < len(entries) for i in response.errors)
+        # A 207 says some entry failed; one that names none cannot be trusted.
+        unexplained = response.status == 207 and not response.errors
         if (
             response.status in (200, 207)
             and not response.unattributed_errors
             and not misplaced
+            and not unexplained
         ):
             for index, error in response.errors.items():
                 outcome.rejected[base + index] = _rejection(error)

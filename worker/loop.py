@@ -228,7 +228,13 @@ class Worker:
     def _connect(self) -> None:
         settings = self.settings
         kafka = settings.kafka
-        consumer = Consumer(kafka_client_config(settings, "consumer"))
+        try:
+            consumer = Consumer(kafka_client_config(settings, "consumer"))
+        except KafkaException as exc:
+            raise ConfigError(
+                f"Kafka settings refused: {exc.args[0].str()}; check "
+                "CIO_KAFKA__PROPERTIES"
+            ) from exc
         try:
             partitions = self._check_topics(consumer)
             admin = AdminClient(kafka_client_config(settings, "admin"))

@@ -37,15 +37,16 @@ class Position:
 
 
 def parse_time(text: str) -> int:
-    """Unix milliseconds from ISO-8601 (no zone means UTC) or a number of ms."""
+    """Unix milliseconds from ISO-8601 (no zone means UTC) or a Unix number:
+    up to 11 digits is seconds (until the year 5138), more is milliseconds."""
     if text.isascii() and text.isdigit():
-        return int(text)
+        return int(text) * 1000 if len(text) <= 11 else int(text)
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise ConfigError(
             f"cannot read time {text!r}: use ISO-8601 such as 2026-12-01T09:00:00Z "
-            "or Unix milliseconds"
+            "or Unix seconds or milliseconds"
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)

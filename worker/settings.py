@@ -141,6 +141,23 @@ class TrackSettings(_Section):
         "are abandoned (not committed, so re-sent after restart).",
     )
 
+    @model_validator(mode="after")
+    def _base_url_usable(self) -> TrackSettings:
+        if not self.base_url:
+            return self
+        parts = urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"base_url {self.base_url!r} must be an http:// or https:// URL "
+                "with a host, such as https://track.customer.io"
+            )
+        if parts.username or parts.password:
+            raise ValueError(
+                "base_url must not carry credentials; the site id and API key come "
+                "from CIO_SITE_ID and CIO_API_KEY"
+            )
+        return self
+
     @property
     def url(self) -> str:
         """The Track API root to call, without a trailing slash."""

@@ -417,3 +417,21 @@ def test_deliver_latency_summed_over_requests() -> None:
 
     assert outcome.latency_s == pytest.approx(1.75)
     assert outcome.last_status == 200
+
+
+def test_deliver_207_without_errors_bisects_instead_of_counting_all_delivered() -> None:
+    """A 207 that names no failed entry is not trusted as full success: the
+    batch is bisected until each entry has a clear answer."""
+    client = FakeClient(
+        [
+            BatchResponse(207, 0.01),
+            BatchResponse(200, 0.01),
+            BatchResponse(207, 0.01),
+        ]
+    )
+    subject, _, _ = deliverer(client)
+
+    outcome = subject.deliver(entries(2))
+
+    assert list(outcome.rejected) == [1]
+    assert outcome.requests == 3

@@ -420,3 +420,21 @@ def test_settings_frozen_assignment_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="frozen"):
         settings.batch.max_entries = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("base_url", "message"),
+    [
+        ("notaurl", "http:// or https://"),
+        ("ftp://127.0.0.1:1", "http:// or https://"),
+        ("http://site:key@127.0.0.1:1", "must not carry credentials"),
+    ],
+)
+def test_load_settings_unusable_base_url_raises_config_error(
+    monkeypatch: pytest.MonkeyPatch, base_url: str, message: str
+) -> None:
+    """A Track API URL that cannot work, or carries credentials, stops start-up."""
+    monkeypatch.setenv("CIO_TRACK__BASE_URL", base_url)
+
+    with pytest.raises(ConfigError, match=message):
+        load_settings()

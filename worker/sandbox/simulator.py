@@ -203,14 +203,10 @@ class TrackSimulator:
 
     def inject(self, faults: list[Fault]) -> None:
         """Queue faults; each answers the next ``count`` batch requests in order."""
-        now = time.monotonic()
         with self._lock:
+            # A timed fault's clock starts when it reaches the head of the queue.
             self._faults.extend(
-                [
-                    fault,
-                    fault.count,
-                    now + fault.duration_s if fault.duration_s else None,
-                ]
+                [fault, fault.count, -1.0 if fault.duration_s else None]
                 for fault in faults
                 if fault.count > 0
             )
@@ -288,6 +284,8 @@ class TrackSimulator:
     def _next_fault_locked(self) -> Fault | None:
         """Pop one use of the head fault, dropping it once its count is spent."""
         while self._faults and self._faults[0][2] is not None:
+            if self._faults[0][2] < 0:
+                self._faults[0][2] = time.monotonic() + self._faults[0][0].duration_s
             if time.monotonic() < self._faults[0][2]:
                 self._stats["faults_served"] += 1
                 return cast(Fault, self._faults[0][0])
