@@ -87,7 +87,8 @@ def read_records(
         for message in consumer.consume(CONSUME_BATCH, timeout=POLL_TIMEOUT_S):
             if message.error() is not None:
                 continue
-            if message.offset() >= ends[(message.topic(), message.partition())]:
+            key = (str(message.topic()), int(message.partition() or 0))
+            if int(message.offset() or 0) >= ends[key]:
                 continue  # past this partition's share of the sample
             if not first_s:
                 first_s = time.monotonic() - started

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         person = message.topic() == args.person_topic
         schema = person_schema if person else event_schema
         record = fastavro.schemaless_reader(io.BytesIO(message.value()), schema, None)
+        assert isinstance(record, dict)
         (identify if person else track)(client, record)
 
     topics = [args.person_topic, args.event_topic]

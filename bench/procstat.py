@@ -143,7 +143,7 @@ def machine() -> dict[str, object]:
         "kernel": platform.release(),
         "python": sys.version.split()[0],
         "kafka": kafka_version(),
-        "confluent_kafka": confluent_kafka.version()[0],
+        "confluent_kafka": confluent_kafka.version(),
         "librdkafka": confluent_kafka.libversion()[0],
     }
 

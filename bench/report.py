@@ -187,20 +187,29 @@ def chart(summary: dict[str, Any], path: Path) -> str | None:
         "C": "C: official client, one call per record",
         "R": "R: cio-worker, simulator at a rate limit",
     }
+    colors = {"A": "tab:blue", "B": "tab:orange", "C": "tab:green", "R": "tab:red"}
     for key, label in names.items():
         trace = phases.get(key, {}).get("trace")
         if trace:
             times, rates = throughput(trace)
-            top.plot(times, rates, label=label, linewidth=1.4)
+            top.plot(times, rates, label=label, linewidth=1.2, color=colors[key])
     top.set_yscale("log")
     top.set_ylabel("records per second (1 s window)")
-    top.set_title(f"{summary['records']:,} records, 2 cores shared with the broker")
+    title = f"{summary['records']:,} records, 2 cores shared with the broker"
+    cpu = phases.get("B", {}).get("cpu_s_during_phase")
+    if cpu and cpu.get("machine capacity"):
+        share = cpu["other processes"] / cpu["machine capacity"]
+        title += f"; other processes used {share:.0%} of the CPU during B"
+    top.set_title(title, fontsize=10)
     top.grid(True, which="both", alpha=0.3)
     top.legend(loc="lower right", fontsize=8)
     for key in ("B", "R"):
         rss = phases.get(key, {}).get("rss_trace")
         if rss:
-            bottom.plot([t for t, _ in rss], [m for _, m in rss], label=names[key])
+            bottom.plot(
+                [t for t, _ in rss], [m for _, m in rss], label=names[key],
+                color=colors[key],
+            )  # fmt: skip
     bottom.axhline(TARGET_PEAK_RSS_MB, color="grey", linestyle="--", linewidth=1)
     bottom.set_ylabel("worker RSS (MB)")
     bottom.set_xlabel("seconds since the process started")

@@ -55,6 +55,8 @@ from worker.settings import load_settings
 
 PHASES = ("A", "B", "C", "R", "L", "P")
 PROFILE_RATE_HZ = 100
+# Fewer records than this is a quick run: shorter time-bound phases.
+QUICK_BELOW_RECORDS = 500_000
 RESULTS = Path("bench/results")
 WORK_DIR = Path(".cache/bench")
 
@@ -65,7 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only", default=",".join(PHASES), help="phases to run, e.g. A,B,C"
     )
-    parser.add_argument("--naive-records", type=int, default=5_000)
+    parser.add_argument(
+        "--naive-records", type=int, help="C's sample (default: 5,000; quick: 2,000)"
+    )
     parser.add_argument("--rate-limit-rps", type=float, default=100.0)
     parser.add_argument(
         "--binding-rps",
@@ -76,15 +80,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--window-s",
         type=float,
-        default=60.0,
-        help="R and P stop the worker after this long if it has not caught up",
+        help="R and P stop the worker after this long if it has not caught up "
+        "(default: 60 s; quick: 15 s)",
     )
     parser.add_argument("--latency-rate", type=float, default=2_000.0)
-    parser.add_argument("--latency-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--latency-seconds", type=float, help="L's load time (default: 30; quick: 10)"
+    )
     parser.add_argument(
         "--latency-linger-ms",
-        default="200,20",
-        help="linger_ms values for L; the first is the worker's default",
+        help="linger_ms values for L, the first being the worker's default "
+        "(default: 200,20; quick: 200)",
     )
     parser.add_argument("--broker-port", type=int, default=BENCH_BROKER_PORT)
     parser.add_argument("--keep-broker-data", action="store_true")
@@ -94,8 +100,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.phases) - set(PHASES)
     if unknown:
         parser.error(f"unknown phases {sorted(unknown)}; choose from {PHASES}")
+    _fill_defaults(args)
     args.lingers = [int(v) for v in args.latency_linger_ms.split(",") if v.strip()]
     return args
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    """Full-length phases for a full backlog; shorter ones for a quick run."""
+    quick = args.records < QUICK_BELOW_RECORDS
+    defaults = {
+        "naive_records": 2_000 if quick else 5_000,
+        "window_s": 15.0 if quick else 60.0,
+        "latency_seconds": 10.0 if quick else 30.0,
+        "latency_linger_ms": "200" if quick else "200,20",
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def main(argv: list[str] | None = None) -> int:
