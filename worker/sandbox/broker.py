@@ -278,10 +278,17 @@ def _server_properties(broker: LocalBroker) -> str:
 
 
 def _cluster_id() -> str:
-    """A random KRaft cluster id (base64url of 16 bytes, without padding)."""
+    """A random KRaft cluster id (base64url of 16 bytes, without padding).
+
+    One starting with "-" would be read as an option by the storage tool, so
+    such draws are skipped.
+    """
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        candidate = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if candidate[0].isalnum():
+            return candidate
 
 
 def _alive(pid: int) -> bool:
