@@ -695,6 +695,9 @@ class Worker:
         )
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # A partition lost while paused (say, during a broker outage) can come
+        # back still paused in librdkafka; this worker starts it afresh.
+        consumer.resume(partitions)
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._buffers[key] = PartitionBuffer(tp.topic, tp.partition, self._limits)
