@@ -77,8 +77,8 @@ def running_broker(port: int, keep: bool) -> Iterator[LocalBroker]:
             broker.start()
             break
         except BrokerError:
-            # XXX: the launcher's random cluster id starts with "-" one time in
-            # 64, which kafka-storage reads as an option; a new id fixes it.
+            # A start can still fail on a busy machine (a port in TIME_WAIT
+            # outlasting the launcher's own retries); one more attempt is cheap.
             if attempt == BROKER_STARTS:
                 raise
     try:
