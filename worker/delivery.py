@@ -1,5 +1,9 @@
 """Delivering one batch: retries, splitting, and which entries the API refused.
 
+Entries go to ``POST /api/v2/batch``, except anonymous events, which the v2
+batch cannot carry: each is sent alone to ``POST /api/v1/events``, in its place
+in the batch's order.
+
 Only the API's word about an entry's data dead-letters it: a 207 error for that
 entry, a 400 for a request holding that entry alone, or a 413 for that entry
 alone. Everything else (connection errors, timeouts, 408, 429, 5xx, 401, 403)
@@ -22,6 +26,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_nev
 from tenacity.wait import wait_random_exponential
 
 from worker.errors import CredentialsError, TransientError, WorkerError
+from worker.mapping import anonymous_body, is_anonymous
 from worker.metrics import Metrics
 from worker.ratelimit import RateLimiter
 from worker.track import BatchResponse, ThrottledError, TrackClient
@@ -84,15 +89,39 @@ class Deliverer:
         self.credentials_failing = threading.Event()
 
     def deliver(self, entries: list[bytes], **context: Any) -> Outcome:
-        """Send the entries; return which were refused. Raises AbandonedError."""
+        """Send the entries; return which were refused. Raises AbandonedError.
+
+        Anonymous events go one by one to ``/api/v1/events``, everything else in
+        v2 batches; runs are sent in entry order, so the partition's order holds.
+        """
         outcome = Outcome()
-        self._send(entries, 0, outcome, context)
+        base = 0
+        for anonymous, run in _runs(entries):
+            if anonymous:
+                for index, entry in enumerate(run):
+                    self._send_anonymous(entry, base + index, outcome, context)
+            else:
+                self._send(run, base, outcome, context)
+            base += len(run)
         return outcome
+
+    def _send_anonymous(
+        self, entry: bytes, index: int, outcome: Outcome, context: dict[str, Any]
+    ) -> None:
+        body = anonymous_body(entry)
+        response = self._post(
+            body, 1, self._client.post_anonymous_event, outcome, context
+        )
+        if response.status != 200:
+            outcome.rejected[index] = _single_rejection(response)
 
     def _send(
         self, entries: list[bytes], base: int, outcome: Outcome, context: dict[str, Any]
     ) -> None:
-        response = self._post(entries, outcome, context)
+        body = b'{"batch":[' + b",".join(entries) + b"]}"
+        response = self._post(
+            body, len(entries), self._client.post_batch, outcome, context
+        )
         misplaced = any(not 0 <= i < len(entries) for i in response.errors)
         # A 207 says some entry failed; one that names none cannot be trusted.
         unexplained = response.status == 207 and not response.errors
@@ -118,9 +147,13 @@ class Deliverer:
         self._send(entries[middle:], base + middle, outcome, context)
 
     def _post(
-        self, entries: list[bytes], outcome: Outcome, context: dict[str, Any]
+        self,
+        body: bytes,
+        entry_count: int,
+        post: Callable[[bytes], BatchResponse],
+        outcome: Outcome,
+        context: dict[str, Any],
     ) -> BatchResponse:
-        body = b'{"batch":[' + b",".join(entries) + b"]}"
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
             wait=self._wait,
@@ -139,11 +172,11 @@ class Deliverer:
                     if waited and self._metrics is not None:
                         self._metrics.record_rate_limit_wait(waited)
                 outcome.attempts += 1
-                response = self._client.post_batch(body)
+                response = post(body)
         self.credentials_failing.clear()
         if self._metrics is not None:
             self._metrics.observe_request(
-                response.status, response.latency_s, len(entries), len(body)
+                response.status, response.latency_s, entry_count, len(body)
             )
         outcome.requests += 1
         outcome.last_status = response.status
@@ -190,6 +223,18 @@ class Deliverer:
     def _interruptible_sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):
             raise AbandonedError("shutdown during a retry wait")
+
+
+def _runs(entries: list[bytes]) -> list[tuple[bool, list[bytes]]]:
+    """The entries cut into runs of anonymous events and of batch entries."""
+    runs: list[tuple[bool, list[bytes]]] = []
+    for entry in entries:
+        anonymous = is_anonymous(entry)
+        if runs and runs[-1][0] == anonymous:
+            runs[-1][1].append(entry)
+        else:
+            runs.append((anonymous, [entry]))
+    return runs
 
 
 def _rejection(error: dict[str, Any]) -> ApiRejection:

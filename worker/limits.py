@@ -117,6 +117,11 @@ def _entry_problems(entry: dict[str, Any], entry_size: int) -> Iterator[Problem]
         yield from _too_long(
             "identifier_too_long", f"identifiers.{kind}", value, MAX_IDENTIFIER_BYTES
         )
+    if "anonymous_id" in entry:
+        yield from _too_long(
+            "identifier_too_long", "anonymous_id", entry["anonymous_id"],
+            MAX_IDENTIFIER_BYTES,
+        )  # fmt: skip
     attributes = entry.get("attributes") or {}
     if entry.get("action") == "event":
         yield from _event_problems(entry, attributes, entry_size)

@@ -52,6 +52,7 @@ EVENT_ID_FIELD = "event_id"
 TIMESTAMP_FIELD = "timestamp"
 CREATED_AT_FIELD = "created_at"
 ANONYMOUS_ID_FIELD = "anonymous_id"
+ANONYMOUS_EVENT_PREFIX = b'{"type":"person","action":"event","anonymous_id":'
 PERSON_MAP_FIELD = "attributes"
 EVENT_MAP_FIELD = "data"
 TIMESTAMP_MARKER = "cio.timestamp"
@@ -125,7 +126,13 @@ def to_event(
     coordinates: Coordinates,
     mapping: TopicMapping = DEFAULT_MAPPING,
 ) -> dict[str, Any]:
-    """Map an event record to an ``event`` entry with a name, id and timestamp."""
+    """Map an event record to an ``event`` entry with a name, id and timestamp.
+
+    An event with no person identifier but an ``anonymous_id`` becomes an
+    anonymous event: the entry carries ``anonymous_id`` where others carry
+    ``identifiers``, and is sent to ``POST /api/v1/events`` (see
+    ``anonymous_body``), since the v2 batch has no anonymous event.
+    """
     identifiers = _event_identifiers(record, mapping)
     name = record.get(EVENT_NAME_FIELD)
     if not isinstance(name, str) or not name.strip():
@@ -133,10 +140,12 @@ def to_event(
             "missing_event_name", "event_name is missing or blank", EVENT_NAME_FIELD
         )
     skip = {mapping.identifier_field, EVENT_NAME_FIELD, EVENT_ID_FIELD, TIMESTAMP_FIELD}
+    if ANONYMOUS_ID_FIELD in identifiers:
+        skip.add(ANONYMOUS_ID_FIELD)
     entry: dict[str, Any] = {
         "type": "person",
         "action": "event",
-        "identifiers": identifiers,
+        **identifiers,
         "name": name,
         "id": _event_id(record.get(EVENT_ID_FIELD)) or derive_event_id(coordinates),
         "attributes": _attributes(record, EVENT_MAP_FIELD, skip, mapping),
@@ -239,24 +248,46 @@ def _identifiers(record: dict[str, Any], mapping: TopicMapping) -> dict[str, str
     return {mapping.identifier_type: value}
 
 
-def _event_identifiers(record: dict[str, Any], mapping: TopicMapping) -> dict[str, str]:
+def _event_identifiers(record: dict[str, Any], mapping: TopicMapping) -> dict[str, Any]:
+    """The entry's ``identifiers``, or ``anonymous_id`` for an anonymous event.
+
+    The person's identifier wins when the record has both; without it, a
+    non-blank ``anonymous_id`` makes the event anonymous.
+    """
     try:
-        return _identifiers(record, mapping)
+        return {"identifiers": _identifiers(record, mapping)}
     except ValidationError:
         anonymous = record.get(ANONYMOUS_ID_FIELD)
         if not isinstance(anonymous, str) or not anonymous.strip():
             raise
-    # XXX: the Track API v2 batch has no anonymous event: every person entry
-    # requires "identifiers" (OpenAPI person_common), and anonymous events exist
-    # only as v1 POST /api/v1/events, which this worker does not call. Such
-    # records are dead-lettered with this reason until a v1 path is added.
-    raise ValidationError(
-        "anonymous_event_unsupported",
-        f"the event has anonymous_id but no {mapping.identifier_field}; the Track "
-        "API v2 batch cannot carry anonymous events: identify the person first "
-        "or send it to /api/v1/events",
-        ANONYMOUS_ID_FIELD,
-    )
+    return {ANONYMOUS_ID_FIELD: anonymous}
+
+
+def is_anonymous(entry: bytes) -> bool:
+    """True for the serialized entry of an anonymous event.
+
+    ``to_event`` puts ``anonymous_id`` third, where every other entry has
+    ``identifiers``, so the serialized entry starts with this exact prefix.
+    """
+    return entry.startswith(ANONYMOUS_EVENT_PREFIX)
+
+
+def anonymous_body(entry: bytes) -> bytes:
+    """The ``POST /api/v1/events`` body of an anonymous event's entry.
+
+    The v1 body names the event data ``data`` where the v2 entry says
+    ``attributes``; everything else is carried over unchanged.
+    """
+    parsed = json.loads(entry)
+    body: dict[str, Any] = {
+        ANONYMOUS_ID_FIELD: parsed[ANONYMOUS_ID_FIELD],
+        "name": parsed["name"],
+        "id": parsed["id"],
+    }
+    if "timestamp" in parsed:
+        body["timestamp"] = parsed["timestamp"]
+    body["data"] = parsed.get("attributes", {})
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _event_id(value: Any) -> Any:

@@ -22,6 +22,8 @@ from worker.errors import CredentialsError, TransientError
 # Statuses that say "try again later", never "this data is bad".
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504, 522, 524})
 CREDENTIAL_STATUSES = frozenset({401, 403})
+BATCH_PATH = "/api/v2/batch"
+ANONYMOUS_EVENT_PATH = "/api/v1/events"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +99,20 @@ class TrackClient:
         Raises ThrottledError for 408/429/5xx, CredentialsError for 401/403 and
         TransientError for connection failures, timeouts and any other status.
         """
+        return self._post(BATCH_PATH, body)
+
+    def post_anonymous_event(self, body: bytes) -> BatchResponse:
+        """``POST /api/v1/events``, one anonymous event; answers and raises as
+        ``post_batch`` does (a 400 or 413 refuses the one event)."""
+        return self._post(ANONYMOUS_EVENT_PATH, body)
+
+    def _post(self, path: str, body: bytes) -> BatchResponse:
         started = time.monotonic()
-        response = self._request("POST", "/api/v2/batch", data=body)
+        response = self._request("POST", path, data=body)
         latency_s = time.monotonic() - started
         status = response.status_code
-        if status == 200:
-            return BatchResponse(200, latency_s, *_entry_errors(response))
-        if status == 207:
-            return BatchResponse(207, latency_s, *_entry_errors(response))
+        if status in (200, 207):
+            return BatchResponse(status, latency_s, *_entry_errors(response))
         if status in (400, 413):
             return BatchResponse(status, latency_s, request_error=_text(response))
         if status in CREDENTIAL_STATUSES:

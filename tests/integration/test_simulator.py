@@ -546,3 +546,90 @@ def test_main_standalone_serves_until_sigterm() -> None:
         assert region.json()["region"] == "us"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
+
+
+def post_anonymous(
+    client: requests.Session, sim: TrackSimulator, event: Any
+) -> requests.Response:
+    """POST one anonymous event to the v1 endpoint."""
+    return client.post(f"{sim.url}/api/v1/events", json=event, timeout=10)
+
+
+def test_anonymous_event_accepted_and_recorded_without_a_profile(
+    sim: TrackSimulator, client: requests.Session
+) -> None:
+    """A v1 anonymous event is stored under its anonymous id; no person is made."""
+    body = {"anonymous_id": "cookie-1", "name": "viewed", "id": ULID_A,
+            "timestamp": 1700000000, "data": {"page": "/pricing"}}  # fmt: skip
+
+    response = post_anonymous(client, sim, body)
+
+    assert response.status_code == 200
+    snapshot = sim.snapshot()
+    assert snapshot["people"] == {}
+    [stored] = snapshot["events"]
+    assert (stored["person"], stored["name"], stored["id"]) == (
+        "anonymous:cookie-1",
+        "viewed",
+        ULID_A,
+    )
+    assert stored["attributes"] == {"page": "/pricing"}
+    assert snapshot["stats"]["anonymous_events"] == 1
+
+
+@pytest.mark.parametrize(
+    ("event", "field"),
+    [
+        ({"anonymous_id": "c", "name": " "}, "name"),
+        ({"anonymous_id": "c", "name": "日" * 36}, "name"),
+        ({"anonymous_id": "c", "name": "n", "id": "not-a-ulid"}, "id"),
+        ({"anonymous_id": "c", "name": "n", "data": "text"}, "data"),
+        ({"anonymous_id": "c", "name": "n", "timestamp": "soon"}, "timestamp"),
+        ({"anonymous_id": 7, "name": "n"}, "anonymous_id"),
+        ({"anonymous_id": "", "name": "n"}, "data.recipient"),
+        ({"anonymous_id": "c", "name": "n", "type": "track"}, "type"),
+        ([{"anonymous_id": "c", "name": "n"}], "body"),
+    ],
+)
+def test_anonymous_event_invalid_returns_400_naming_field(
+    sim: TrackSimulator, client: requests.Session, event: Any, field: str
+) -> None:
+    """An invalid anonymous event is refused whole with a message naming the field."""
+    response = post_anonymous(client, sim, event)
+
+    assert response.status_code == 400
+    assert response.json()["meta"]["error"].startswith(f"{field}: ")
+    assert sim.snapshot()["events"] == []
+
+
+def test_anonymous_event_repeated_id_dropped(
+    sim: TrackSimulator, client: requests.Session
+) -> None:
+    """The same event id twice is answered 200 and stored once."""
+    body = {"anonymous_id": "cookie-1", "name": "viewed", "id": ULID_B}
+
+    statuses = [post_anonymous(client, sim, body).status_code for _ in range(2)]
+
+    assert statuses == [200, 200]
+    snapshot = sim.snapshot()
+    assert len(snapshot["events"]) == 1
+    assert snapshot["received_event_ids"] == {ULID_B: 2}
+    assert snapshot["stats"]["duplicate_events"] == 1
+
+
+def test_anonymous_event_wrong_key_401_and_faults_apply(
+    sim: TrackSimulator, client: requests.Session
+) -> None:
+    """Auth and injected faults apply to anonymous events as to batches."""
+    body = {"anonymous_id": "cookie-1", "name": "viewed"}
+    wrong = requests.post(
+        f"{sim.url}/api/v1/events", json=body, auth=(SITE, "nope"), timeout=10
+    )
+    sim.inject([Fault(503, retry_after="2")])
+
+    faulted = post_anonymous(client, sim, body)
+    accepted = post_anonymous(client, sim, body)
+
+    assert wrong.status_code == 401
+    assert (faulted.status_code, faulted.headers["Retry-After"]) == (503, "2")
+    assert accepted.status_code == 200

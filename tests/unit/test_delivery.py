@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 
 from worker.delivery import AbandonedError, ApiRejection, Deliverer
 from worker.errors import CredentialsError, TransientError
+from worker.mapping import serialize
 from worker.ratelimit import RateLimiter
 from worker.track import BatchResponse, ThrottledError
 
@@ -30,10 +31,13 @@ class FakeClient:
         self.rule = rule
         self.bodies: list[list[dict[str, Any]]] = []
         self.on_call: Callable[[], None] | None = None
+        self.calls: list[tuple[str, list[Any]]] = []
+        self.anonymous_script: list[BatchResponse | Exception] = []
 
     def post_batch(self, body: bytes) -> BatchResponse:
         entries = json.loads(body)["batch"]
         self.bodies.append(entries)
+        self.calls.append(("v2", [entry.get("n") for entry in entries]))
         if self.on_call is not None:
             self.on_call()
         step: Step | None = self.script.pop(0) if self.script else self.rule
@@ -44,6 +48,14 @@ class FakeClient:
         if isinstance(step, BatchResponse):
             return step
         return step(entries)
+
+    def post_anonymous_event(self, body: bytes) -> BatchResponse:
+        event = json.loads(body)
+        self.calls.append(("v1", [event["name"]]))
+        step = self.anonymous_script.pop(0) if self.anonymous_script else ok()
+        if isinstance(step, Exception):
+            raise step
+        return step
 
     def sent_ids(self) -> list[list[int]]:
         return [[entry["n"] for entry in body] for body in self.bodies]
@@ -435,3 +447,52 @@ def test_deliver_207_without_errors_bisects_instead_of_counting_all_delivered() 
 
     assert list(outcome.rejected) == [1]
     assert outcome.requests == 3
+
+
+def anonymous_entry(name: str) -> bytes:
+    return serialize(
+        {"type": "person", "action": "event", "anonymous_id": "cookie-1",
+         "name": name, "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "attributes": {}}
+    )  # fmt: skip
+
+
+def test_anonymous_events_sent_alone_to_v1_in_batch_order() -> None:
+    """Anonymous events go one per v1 request, between the v2 runs around them."""
+    client = FakeClient()
+    subject, _, _ = deliverer(client)
+    mixed = [*entries(2), anonymous_entry("a"), anonymous_entry("b"), *entries(1)]
+
+    outcome = subject.deliver(mixed)
+
+    assert client.calls == [("v2", [0, 1]), ("v1", ["a"]), ("v1", ["b"]), ("v2", [0])]
+    assert outcome.rejected == {}
+    assert outcome.requests == 4
+
+
+def test_anonymous_event_refused_by_400_is_rejected_at_its_index() -> None:
+    """A v1 400 refuses that one event, named by its place in the batch."""
+    client = FakeClient()
+    client.anonymous_script = [
+        BatchResponse(400, 0.01, request_error='{"meta":{"error":"bad name"}}')
+    ]
+    subject, _, _ = deliverer(client)
+
+    outcome = subject.deliver([*entries(1), anonymous_entry("a"), *entries(1)])
+
+    assert list(outcome.rejected) == [1]
+    assert outcome.rejected[1].reason == "api_refused"
+    assert "bad name" in outcome.rejected[1].message
+
+
+def test_anonymous_event_retried_on_429_and_5xx() -> None:
+    """A throttled anonymous event is retried, never dead-lettered."""
+    client = FakeClient()
+    client.anonymous_script = [ThrottledError(429, 2.0), ThrottledError(503, None)]
+    subject, sleeps, _ = deliverer(client)
+
+    outcome = subject.deliver([anonymous_entry("a")])
+
+    assert outcome.rejected == {}
+    assert outcome.attempts == 3
+    assert sleeps[0] == 2.0
+    assert client.calls == [("v1", ["a"])] * 3

@@ -73,6 +73,17 @@ def event(
     }
 
 
+def anonymous(anonymous_id: str, name: str = "e") -> dict[str, Any]:
+    return {
+        "type": "person",
+        "action": "event",
+        "anonymous_id": anonymous_id,
+        "name": name,
+        "id": ULID_ID,
+        "attributes": {},
+    }
+
+
 def many(count: int, value: Any = 1) -> dict[str, Any]:
     return {f"a{i:04d}": value for i in range(count)}
 
@@ -106,6 +117,10 @@ def data_of_size(size: int) -> dict[str, str]:
         (identify({}, "a" * 146 + "@x.io"), ["identifier_too_long"]),
         (identify({}, "é" * 72 + "@x.io"), []),  # 149 bytes
         (identify({}, "é" * 73 + "@x.io"), ["identifier_too_long"]),  # 151 bytes
+        (anonymous("a" * 150), []),
+        (anonymous("a" * 151), ["identifier_too_long"]),
+        (anonymous("é" * 76), ["identifier_too_long"]),  # 152 bytes
+        (anonymous("a", "n" * 101), ["event_name_too_long"]),
         # attribute count: 300
         (identify(many(300)), []),
         (identify(many(301)), ["too_many_attributes"]),

@@ -17,7 +17,9 @@ from worker.mapping import (
     Coordinates,
     RecordShape,
     TopicMapping,
+    anonymous_body,
     derive_event_id,
+    is_anonymous,
     serialize,
     to_event,
     to_identify,
@@ -397,33 +399,77 @@ def test_to_identify_unusable_identifier_raises_missing_identifier(
 
 
 @pytest.mark.parametrize(
-    ("record", "reason", "field"),
+    ("record", "expected"),
     [
         (
             {"event_name": "view", "anonymous_id": "anon-1"},
-            "anonymous_event_unsupported",
-            "anonymous_id",
+            {"type": "person", "action": "event", "anonymous_id": "anon-1",
+             "name": "view", "id": derive_event_id(COORDS), "attributes": {}},
         ),
         (
-            {"person_email": None, "event_name": "view", "anonymous_id": "anon-1"},
-            "anonymous_event_unsupported",
-            "anonymous_id",
-        ),
-        (
-            {"event_name": "view", "anonymous_id": " "},
-            "missing_identifier",
-            "person_email",
+            {"person_email": None, "event_name": "view", "anonymous_id": "anon-1",
+             "event_id": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "timestamp": 1700000000,
+             "data": {"page": "/pricing"}},
+            {"type": "person", "action": "event", "anonymous_id": "anon-1",
+             "name": "view", "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+             "attributes": {"page": "/pricing"}, "timestamp": 1700000000},
         ),
     ],
-)
-def test_to_event_anonymous_event_refused_with_reason(
-    record: dict[str, Any], reason: str, field: str
+)  # fmt: skip
+def test_to_event_anonymous_event_carries_anonymous_id(
+    record: dict[str, Any], expected: dict[str, Any]
 ) -> None:
-    """An event with only an anonymous id is refused: v2 batch cannot carry it."""
+    """An event with no person but an anonymous id is an anonymous event."""
+    entry = to_event(record, COORDS)
+
+    assert entry == expected
+    assert is_anonymous(serialize(entry))
+
+
+def test_to_event_blank_anonymous_id_is_missing_identifier() -> None:
+    """A blank anonymous id does not make an event anonymous."""
+    record = {"event_name": "view", "anonymous_id": " "}
+
     with pytest.raises(ValidationError) as caught:
         to_event(record, COORDS)
 
-    assert (caught.value.reason, caught.value.field) == (reason, field)
+    assert (caught.value.reason, caught.value.field) == (
+        "missing_identifier",
+        "person_email",
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "anonymous"),
+    [
+        ({"type": "person", "action": "event", "anonymous_id": "a", "name": "n",
+          "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "attributes": {}}, True),
+        ({"type": "person", "action": "event", "identifiers": {"email": "a@x.io"},
+          "name": "n", "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+          "attributes": {"anonymous_id": "a"}}, False),
+        ({"type": "person", "action": "identify", "identifiers": {"id": "7"},
+          "attributes": {"anonymous_id": "a"}}, False),
+    ],
+)  # fmt: skip
+def test_is_anonymous_by_entry_shape(entry: dict[str, Any], anonymous: bool) -> None:
+    """Only an anonymous event's entry is sent to the v1 anonymous endpoint."""
+    assert is_anonymous(serialize(entry)) is anonymous
+
+
+def test_anonymous_body_is_the_v1_event_shape() -> None:
+    """The v1 body says ``data`` for the event data and drops type and action."""
+    record = {"event_name": "view", "anonymous_id": "anon-1", "timestamp": 1700000000,
+              "data": {"page": "/pricing", "ünï": "çødé"}}  # fmt: skip
+
+    body = json.loads(anonymous_body(serialize(to_event(record, COORDS))))
+
+    assert body == {
+        "anonymous_id": "anon-1",
+        "name": "view",
+        "id": derive_event_id(COORDS),
+        "timestamp": 1700000000,
+        "data": {"page": "/pricing", "ünï": "çødé"},
+    }
 
 
 def test_to_event_identified_with_anonymous_id_keeps_it_as_data() -> None:

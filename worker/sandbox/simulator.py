@@ -1,7 +1,8 @@
 """A local HTTP simulator of the Customer.io Track API, as used by this worker.
 
-It serves ``POST /api/v2/batch`` and ``GET /api/v1/accounts/region`` behind HTTP
-Basic auth, validates every batch entry with :mod:`worker.sandbox.simulator_rules`,
+It serves ``POST /api/v2/batch``, ``POST /api/v1/events`` (anonymous events) and
+``GET /api/v1/accounts/region`` behind HTTP Basic auth, validates every batch
+entry and anonymous event with :mod:`worker.sandbox.simulator_rules`,
 keeps the resulting people and events in memory, and can inject faults (error
 statuses, Retry-After, latency) and a token-bucket rate limit. Unauthenticated
 control endpoints under ``/__sim/`` expose the state to tests and the demo.
@@ -35,6 +36,8 @@ from worker.sandbox.simulator_rules import (
     identifier_of,
     parse_batch,
     parse_fault_specs,
+    parse_json,
+    validate_anonymous_event,
     validate_entry,
 )
 
@@ -75,6 +78,7 @@ _COUNTERS = (
     "entries_accepted",
     "entries_rejected",
     "duplicate_events",
+    "anonymous_events",
     "identify_calls",
     "suppressed_ignored",
     "rate_limited",
@@ -336,6 +340,16 @@ class TrackSimulator:
         self, auth: str | None, content_type: str | None, body: bytes | None, size: int
     ) -> Reply:
         """Run the refusal checks in order, then validate and apply the entries."""
+        refused = self._refusal(auth, content_type, body, size)
+        if refused is not None:
+            return refused
+        batch, problem = parse_batch(cast(bytes, body))
+        return _batch_error(problem) if problem else self._apply_batch(batch)
+
+    def _refusal(
+        self, auth: str | None, content_type: str | None, body: bytes | None, size: int
+    ) -> Reply | None:
+        """Auth, faults, rate limit, size and content type, in that order."""
         refused = self._admit(auth)
         if refused is not None:
             return refused
@@ -346,8 +360,45 @@ class TrackSimulator:
         media_type = (content_type or "").split(";")[0].strip().lower()
         if media_type != "application/json":
             return _batch_error("content type must be application/json")
-        batch, problem = parse_batch(body)
-        return _batch_error(problem) if problem else self._apply_batch(batch)
+        return None
+
+    def anonymous_event_reply(
+        self, auth: str | None, content_type: str | None, body: bytes | None, size: int
+    ) -> Reply:
+        """Answer ``POST /api/v1/events``: one anonymous event, 200 or a 400.
+
+        Faults and the rate limit apply as to batches; the event is recorded
+        under the person key ``anonymous:<anonymous_id>`` and its ``id`` drops
+        repeats as batch events do.
+        """
+        with self._lock:
+            self._stats["requests"] += 1
+            self._stats["bytes_received"] += size
+        reply = self._refusal(auth, content_type, body, size)
+        if reply is None:
+            event, problem = parse_json(cast(bytes, body))
+            found = validate_anonymous_event(event, self.max_entry_bytes)
+            if problem or found:
+                message = problem or "; ".join(
+                    f"{e['field']}: {e['message']}" for e in found
+                )
+                reply = _meta_reply(400, message)
+            else:
+                reply = self._apply_anonymous(event)
+        with self._lock:
+            responses = self._stats["responses"]
+            responses[str(reply.status)] = responses.get(str(reply.status), 0) + 1
+        return reply
+
+    def _apply_anonymous(self, event: JSON) -> Reply:
+        entry = {**event, "attributes": event.get("data", {})}
+        with self._lock:
+            self._stats["anonymous_events"] += 1
+            if "id" in entry:
+                self._received_ids[entry["id"].upper()] += 1
+            key = f"anonymous:{event.get('anonymous_id', '')}"
+            self._record_event_locked(key, entry, create_person=False)
+        return Reply(200, {})
 
     def _apply_batch(self, batch: list[Any]) -> Reply:
         """Validate each entry independently and apply the valid ones in order."""
@@ -384,7 +435,9 @@ class TrackSimulator:
         else:
             self._record_event_locked(key, entry)
 
-    def _record_event_locked(self, key: str, entry: JSON) -> None:
+    def _record_event_locked(
+        self, key: str, entry: JSON, create_person: bool = True
+    ) -> None:
         """Append an event unless its id was already accepted; create the person."""
         event_id = entry.get("id")
         if event_id is not None:
@@ -392,7 +445,8 @@ class TrackSimulator:
                 self._stats["duplicate_events"] += 1
                 return
             self._seen_ids.add(event_id.upper())
-        self._people.setdefault(key, {})
+        if create_person:
+            self._people.setdefault(key, {})
         self._events.append(
             {
                 "person": key,
@@ -499,7 +553,9 @@ class _Handler(BaseHTTPRequestHandler):
         """Read the body, dispatch on method and path, and send the reply."""
         path = urlsplit(self.path).path
         batch = path == "/api/v2/batch"
-        framed = self._read_body(self.sim.max_request_bytes if batch else CONTROL_LIMIT)
+        anonymous = path == "/api/v1/events"
+        limit = self.sim.max_request_bytes if batch or anonymous else CONTROL_LIMIT
+        framed = self._read_body(limit)
         if framed is None:
             return
         body, size = framed
@@ -507,6 +563,9 @@ class _Handler(BaseHTTPRequestHandler):
         if batch and method == "POST":
             content_type = self.headers.get("Content-Type")
             reply = self.sim.batch_reply(auth, content_type, body, size)
+        elif anonymous and method == "POST":
+            content_type = self.headers.get("Content-Type")
+            reply = self.sim.anonymous_event_reply(auth, content_type, body, size)
         elif path == "/api/v1/accounts/region" and method == "GET":
             authorized = self.sim.authorized(auth)
             unauthorized = _meta_reply(401, "Unauthorized request")
@@ -515,7 +574,7 @@ class _Handler(BaseHTTPRequestHandler):
             reply = self.sim.control_reply(method, path, body)
         else:
             reply = _meta_reply(404, "not found")
-        if body is None and not batch:
+        if body is None and not (batch or anonymous):
             reply = _meta_reply(413, "request body too large")
         self._send(reply)
 

@@ -216,9 +216,51 @@ def validate_entry(entry: Any, max_entry_bytes: int) -> list[ErrorDict]:
     return errors
 
 
+def validate_anonymous_event(event: Any, max_bytes: int) -> list[ErrorDict]:
+    """Every error of one ``POST /api/v1/events`` body (already parsed).
+
+    The body carries the event data as ``data``; an empty ``anonymous_id`` is an
+    invite event, which needs ``data.recipient``.
+    """
+    if not isinstance(event, dict):
+        return [error("invalid", "body", "request body must be a JSON object")]
+    try:
+        size = utf8_len(compact_json(event))
+    except UnicodeEncodeError:
+        return [error("invalid", "body", "request body must be valid UTF-8")]
+    if size > max_bytes:
+        return [error("too_long", "body", f"event is larger than {max_bytes} bytes")]
+    errors: list[ErrorDict] = []
+    anonymous_id = event.get("anonymous_id", "")
+    data = event.get("data", {})
+    if not isinstance(anonymous_id, str):
+        errors.append(error("invalid", "anonymous_id", "anonymous_id must be a string"))
+    elif not anonymous_id and not (isinstance(data, dict) and data.get("recipient")):
+        message = "an event without anonymous_id needs data.recipient"
+        errors.append(error("required", "data.recipient", message))
+    if event.get("type", "event") not in ("event", "page", "screen"):
+        errors.append(error("invalid", "type", "type must be event, page or screen"))
+    renamed = {k: v for k, v in event.items() if k != "data"}
+    if "data" in event:
+        renamed["attributes"] = data
+    for found in check_event(renamed):
+        if found["field"] == "attributes":
+            found = {**found, "field": "data"}
+        errors.append(found)
+    return errors
+
+
 def _refuse_constant(constant: str) -> Any:
     """Reject NaN and Infinity so that stored state always serializes as JSON."""
     raise ValueError(constant)
+
+
+def parse_json(body: bytes) -> tuple[Any, str]:
+    """Decode a request body into (value, ""), or (None, why it is unusable)."""
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_refuse_constant), ""
+    except ValueError:
+        return None, "request body must be valid JSON"
 
 
 def parse_batch(body: bytes) -> tuple[list[Any], str]:
