@@ -1,7 +1,8 @@
 """A tiny Confluent-compatible schema registry on loopback, for the integration tier.
 
-It serves ``GET /schemas/ids/{id}`` from a dict, answers 404 for an unknown id
-and 401 when basic auth is required and missing or wrong, like the real one.
+It serves ``GET /schemas/ids/{id}`` and ``GET /subjects/{subject}/versions/{n}``
+from dicts, answers 404 for an unknown id or subject version and 401 when basic
+auth is required and missing or wrong, like the real one.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
+from urllib.parse import unquote
 
 _PATH = re.compile(r"/schemas/ids/([0-9]+)")
+_SUBJECT_PATH = re.compile(r"/subjects/([^/]+)/versions/([0-9]+)")
+Reference = dict[str, Any]  # {"name": ..., "subject": ..., "version": ...}
 
 
 class RegistryStub:
@@ -25,11 +29,15 @@ class RegistryStub:
         schemas: dict[int, Any],
         *,
         schema_types: dict[int, str] | None = None,
+        references: dict[int, list[Reference]] | None = None,
+        subjects: dict[tuple[str, int], tuple[Any, list[Reference]]] | None = None,
         username: str = "",
         password: str = "",
     ) -> None:
         self.schemas = schemas
         self.schema_types = schema_types or {}
+        self.references = references or {}
+        self.subjects = subjects or {}
         self.requests: list[tuple[str, int]] = []
         token = base64.b64encode(f"{username}:{password}".encode()).decode()
         self._expected_auth = f"Basic {token}" if username else None
@@ -58,6 +66,15 @@ class RegistryStub:
         """The status and JSON body for one GET (socket-free, for reading)."""
         if self._expected_auth and authorization != self._expected_auth:
             return 401, {"error_code": 401, "message": "Unauthorized"}
+        by_subject = _SUBJECT_PATH.fullmatch(path)
+        if by_subject is not None:
+            subject = unquote(by_subject.group(1))
+            found = self.subjects.get((subject, int(by_subject.group(2))))
+            if found is None:
+                return 404, {"error_code": 40402, "message": "Version not found"}
+            schema, references = found
+            body = {"subject": subject, "schema": json.dumps(schema)}
+            return 200, {**body, "references": references} if references else body
         match = _PATH.fullmatch(path)
         if match is None or int(match.group(1)) not in self.schemas:
             return 404, {"error_code": 40403, "message": "Schema not found"}
@@ -66,6 +83,8 @@ class RegistryStub:
         body = {"schema": schema if isinstance(schema, str) else json.dumps(schema)}
         if schema_id in self.schema_types:
             body["schemaType"] = self.schema_types[schema_id]
+        if schema_id in self.references:
+            body["references"] = self.references[schema_id]
         return 200, body
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:

@@ -97,7 +97,31 @@ EVENT_OLD_JSON = {
     ],
 }
 
+# A writer whose address type is registered under another subject (a schema
+# reference), without the reader's geo field.
+ADDRESS_JSON = {
+    "type": "record",
+    "name": "Address",
+    "namespace": NAMESPACE,
+    "fields": [{"name": "city", "type": "string"},
+               {"name": "zip", "type": ["null", "string"], "default": None}],
+}  # fmt: skip
+PERSON_REF_JSON = {
+    "type": "record",
+    "name": "Person",
+    "namespace": NAMESPACE,
+    "fields": [{"name": "person_email", "type": "string"},
+               {"name": "address", "type": f"{NAMESPACE}.Address"}],
+}  # fmt: skip
+ADDRESS_SUBJECT = "corpus-address"
+REFERENCES = {
+    5: [{"name": f"{NAMESPACE}.Address", "subject": ADDRESS_SUBJECT, "version": 1}],
+    6: [{"name": f"{NAMESPACE}.Address", "subject": "deleted-subject", "version": 4}],
+}
+SUBJECTS = {(ADDRESS_SUBJECT, 1): (ADDRESS_JSON, [])}
+
 PERSON_ID, PERSON_OLD_ID, PERSON_NEW_ID, PERSON_CLASH_ID = 1, 2, 3, 4
+PERSON_REF_ID, PERSON_BAD_REF_ID = 5, 6
 EVENT_ID, EVENT_OLD_ID, PROTOBUF_ID, UNKNOWN_ID = 10, 11, 12, 99
 REGISTRY_SCHEMAS: dict[int, Any] = {
     PERSON_ID: PERSON_JSON,
@@ -107,8 +131,19 @@ REGISTRY_SCHEMAS: dict[int, Any] = {
     EVENT_ID: EVENT_JSON,
     EVENT_OLD_ID: EVENT_OLD_JSON,
     PROTOBUF_ID: 'syntax = "proto3"; message P { string email = 1; }',
+    PERSON_REF_ID: PERSON_REF_JSON,
+    PERSON_BAD_REF_ID: PERSON_REF_JSON,
 }
-PARSED = {i: parse_schema(s) for i, s in REGISTRY_SCHEMAS.items() if i != PROTOBUF_ID}
+PARSED = {
+    i: parse_schema(s)
+    for i, s in REGISTRY_SCHEMAS.items()
+    if i not in (PROTOBUF_ID, PERSON_REF_ID, PERSON_BAD_REF_ID)
+}
+_ADDRESS_NAMED: dict[str, Any] = {}
+parse_schema(ADDRESS_JSON, _ADDRESS_NAMED)
+PARSED[PERSON_REF_ID] = PARSED[PERSON_BAD_REF_ID] = parse_schema(
+    PERSON_REF_JSON, _ADDRESS_NAMED
+)
 PERSON = PARSED[PERSON_ID]
 EVENT = PARSED[EVENT_ID]
 REGISTRY_USER, REGISTRY_PASSWORD = "corpus-reader", "corpus-registry-pw"
@@ -265,6 +300,13 @@ def build_people(c: Corpus) -> None:
         framed(PERSON_NEW_ID, newer),
         {"plan": "UNKNOWN", "tier": "SILVER"},
     )
+    # a writer schema with a reference to another subject's Address type
+    with_ref = {"person_email": "ref@x.io", "address": {"city": "Oslo", "zip": "0150"}}
+    c.person(
+        "ref@x.io",
+        framed(PERSON_REF_ID, with_ref),
+        {"address.city": "Oslo", "address.zip": "0150"},
+    )
     for email, created_at in (
         ("iso-zone@x.io", "2023-11-15T00:13:20+02:00"),
         ("iso-utc@x.io", "2023-11-14T22:13:20Z"),
@@ -319,6 +361,13 @@ def build_bad_people(c: Corpus) -> None:
     platinum = person_record("p@x.io", nickname="P", plan="PRO", tier="PLATINUM")
     c.refused(
         "person", framed(PERSON_NEW_ID, platinum), "decode", "unknown_enum_symbol"
+    )
+    bad_ref = {"person_email": "badref@x.io", "address": {"city": "Oslo", "zip": None}}
+    c.refused(
+        "person",
+        framed(PERSON_BAD_REF_ID, bad_ref),
+        "decode",
+        "unknown_schema_reference",
     )
     clash = framed(PERSON_CLASH_ID, {"person_email": 42})
     c.refused("person", clash, "decode", "schema_mismatch")
@@ -516,6 +565,8 @@ def registry() -> Iterator[RegistryStub]:
     with RegistryStub(
         REGISTRY_SCHEMAS,
         schema_types={PROTOBUF_ID: "PROTOBUF"},
+        references=REFERENCES,
+        subjects=SUBJECTS,
         username=REGISTRY_USER,
         password=REGISTRY_PASSWORD,
     ) as stub:
@@ -564,10 +615,13 @@ def test_corpus_every_record_delivered_as_expected_or_dead_lettered(
     assert counters.delivered + counters.rejected + counters.skipped == len(
         corpus.records
     )
-    # basic auth accepted; each id asked once, the unknown one answered 404
+    # basic auth accepted; each id and reference asked once, the unknown ones
+    # answered 404
     asked = dict(registry.requests)
     assert len(asked) == len(registry.requests)
     assert asked.pop(f"/schemas/ids/{UNKNOWN_ID}") == 404
+    assert asked.pop("/subjects/deleted-subject/versions/4") == 404
+    assert asked.pop(f"/subjects/{ADDRESS_SUBJECT}/versions/1") == 200
     assert set(asked.values()) == {200}
     for topic in (topics.person, topics.event):
         assert committed_offsets(kafka_bootstrap, topics.group, topic) == end_offsets(

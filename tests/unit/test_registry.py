@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
+import fastavro
 import pytest
 from structlog.testing import capture_logs
 
@@ -80,7 +82,7 @@ def test_writer_schema_fetched_once_per_id() -> None:
         ((200, {"schema": '{"type": "nosuch"}'}), "bad_writer_schema"),
         (
             (200, {"schema": json.dumps(SCHEMA), "references": [{"name": "x"}]}),
-            "unsupported_schema_references",
+            "bad_schema_reference",
         ),
     ],
 )  # fmt: skip
@@ -123,7 +125,8 @@ def test_writer_schema_registry_down_raises_transient_after_retries(
     assert len(get.urls) == RETRY_ATTEMPTS
     retries = [e for e in logs if e["event"] == "schema_registry_retry"]
     assert len(retries) == RETRY_ATTEMPTS - 1
-    assert all(e["log_level"] == "warning" and e["schema_id"] == 3 for e in retries)
+    assert all(e["log_level"] == "warning" for e in retries)
+    assert all(e["schema"] == "schema id 3" for e in retries)
     assert "schema id 3" in str(caught.value)
     assert not isinstance(caught.value, DecodeError)
 
@@ -242,3 +245,138 @@ def _empty_config(tmp_path: Path) -> Path:
     path = tmp_path / "worker.toml"
     path.write_text("")
     return path
+
+
+class RoutedGet:
+    """Answers GETs by path; a path missing from the routes answers 404."""
+
+    def __init__(self, routes: dict[str, tuple[int, Any] | Exception]) -> None:
+        self.routes = routes
+        self.urls: list[str] = []
+
+    def __call__(self, url: str) -> tuple[int, bytes]:
+        self.urls.append(url)
+        answer = self.routes.get(url.removeprefix(URL), (404, {"error_code": 40401}))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer[0], json.dumps(answer[1]).encode()
+
+
+COUNTRY = {"type": "enum", "name": "io.geo.Country", "symbols": ["NO", "SE"]}
+ADDRESS = {
+    "type": "record",
+    "name": "io.geo.Address",
+    "fields": [{"name": "city", "type": "string"},
+               {"name": "country", "type": "io.geo.Country"}],
+}  # fmt: skip
+WITH_ADDRESS = {
+    "type": "record",
+    "name": "io.cioworker.Person",
+    "fields": [{"name": "person_email", "type": "string"},
+               {"name": "home", "type": "io.geo.Address"},
+               {"name": "work", "type": ["null", "io.geo.Address"]}],
+}  # fmt: skip
+
+
+def referring(schema: Any, *refs: tuple[str, str, int]) -> tuple[int, Any]:
+    references = [{"name": n, "subject": s, "version": v} for n, s, v in refs]
+    return 200, {"schema": json.dumps(schema), "references": references}
+
+
+def test_writer_schema_references_fetched_deepest_first_and_decode() -> None:
+    """Named types from other subjects are fetched, references of references
+    too, and a record written with them decodes."""
+    get = RoutedGet({
+        "/schemas/ids/4": referring(WITH_ADDRESS, ("io.geo.Address", "geo address", 2)),
+        "/subjects/geo%20address/versions/2": referring(
+            ADDRESS, ("io.geo.Country", "country", 1)
+        ),
+        "/subjects/country/versions/1": referring(COUNTRY),
+    })  # fmt: skip
+    value = {"person_email": "a@x.io", "home": {"city": "Oslo", "country": "NO"},
+             "work": {"city": "Lund", "country": "SE"}}  # fmt: skip
+    inline = {**WITH_ADDRESS, "fields": [
+        WITH_ADDRESS["fields"][0],
+        {"name": "home", "type": {**ADDRESS, "fields": [
+            ADDRESS["fields"][0], {"name": "country", "type": COUNTRY}]}},
+        {"name": "work", "type": ["null", "io.geo.Address"]}]}  # fmt: skip
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, fastavro.parse_schema(inline), value)
+    buffer.seek(0)
+
+    writer = registry(get).writer_schema(4)  # type: ignore[arg-type]
+
+    assert fastavro.schemaless_reader(buffer, writer, None) == value
+    buffer.seek(0)
+    # a reader where home is optional: the writer's named type must resolve
+    # against a union, which fastavro does only with the type written in full
+    optional_home = {"name": "home", "type": ["null", inline["fields"][1]["type"]]}
+    reader = {**inline, "fields": [inline["fields"][0], optional_home,
+                                   inline["fields"][2]]}  # fmt: skip
+    resolved = fastavro.schemaless_reader(buffer, writer, fastavro.parse_schema(reader))
+    assert resolved == value
+    assert [url.removeprefix(URL) for url in get.urls] == [
+        "/schemas/ids/4",
+        "/subjects/geo%20address/versions/2",
+        "/subjects/country/versions/1",
+    ]
+
+
+def test_writer_schema_reference_shared_or_cyclic_fetched_once() -> None:
+    """A subject version referred to twice (or in a cycle) is fetched once."""
+    get = RoutedGet({
+        "/schemas/ids/4": referring(
+            WITH_ADDRESS,
+            ("io.geo.Address", "address", 1),
+            ("io.geo.Country", "country", 1),
+        ),
+        "/subjects/address/versions/1": referring(
+            ADDRESS, ("io.geo.Country", "country", 1), ("x", "address", 1)
+        ),
+        "/subjects/country/versions/1": referring(COUNTRY),
+    })  # fmt: skip
+
+    registry(get).writer_schema(4)  # type: ignore[arg-type]
+
+    assert len(get.urls) == 3
+
+
+@pytest.mark.parametrize(
+    ("routes", "reason"),
+    [
+        ({"/schemas/ids/4": referring(WITH_ADDRESS, ("io.geo.Address", "gone", 3))},
+         "unknown_schema_reference"),
+        ({"/schemas/ids/4": referring(WITH_ADDRESS, ("io.geo.Address", "a", 1)),
+          "/subjects/a/versions/1": (200, {"schema": "{}", "schemaType": "JSON"})},
+         "not_avro_schema"),
+        ({"/schemas/ids/4": referring(WITH_ADDRESS, ("io.geo.Address", "a", 1)),
+          "/subjects/a/versions/1": referring(ADDRESS)},  # Country never defined
+         "bad_writer_schema"),
+        ({"/schemas/ids/4": (200, {"schema": json.dumps(WITH_ADDRESS),
+                                   "references": [{"subject": "a", "version": "1"}]})},
+         "bad_schema_reference"),
+    ],
+)  # fmt: skip
+def test_writer_schema_bad_reference_is_bad_data(
+    routes: dict[str, tuple[int, Any]], reason: str
+) -> None:
+    """A reference the registry lacks, or that does not parse, refuses the record."""
+    with pytest.raises(DecodeError) as caught:
+        registry(RoutedGet(routes)).writer_schema(4)  # type: ignore[arg-type]
+
+    assert caught.value.reason == reason
+    assert "schema id 4" in caught.value.message
+
+
+def test_writer_schema_reference_outage_is_transient() -> None:
+    """A registry that fails while fetching a reference is an outage, not bad data."""
+    get = RoutedGet({
+        "/schemas/ids/4": referring(WITH_ADDRESS, ("io.geo.Address", "a", 1)),
+        "/subjects/a/versions/1": (503, {}),
+    })  # fmt: skip
+
+    with pytest.raises(TransientError) as caught:
+        registry(get).writer_schema(4)  # type: ignore[arg-type]
+
+    assert "subject 'a' version 1" in str(caught.value)
+    assert len(get.urls) == 1 + RETRY_ATTEMPTS
