@@ -2,7 +2,9 @@
 
 Each check reaches one dependency with the configured settings and returns one
 line: ``ok``, ``WARN`` (works, but something looks wrong), ``skip`` (not
-configured) or ``FAIL`` with what to fix. The checks run side by side, each in
+configured) or ``FAIL`` with what to fix. Besides the dependencies, a sample of
+the newest input records is decoded with the configured schemas, because a
+schema file that parses can still be the wrong one. The checks run side by side, each in
 a daemon thread with its own deadline, so an unreachable host fails in seconds
 and a hung library call cannot hold the command. Nothing is written except one
 small object in the archive bucket, removed again.
@@ -13,11 +15,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from worker.avro import load_schema
@@ -31,6 +34,8 @@ HTTP_CONNECT_TIMEOUT_S = 5.0
 HTTP_READ_TIMEOUT_S = 10.0
 CHECK_TIMEOUT_S = 20.0
 CHECK_OBJECT_FOLDER = "_cio-check"
+SAMPLE_PER_PARTITION = 20
+SAMPLE_TIMEOUT_S = 5.0
 
 OK, WARN, SKIP, FAIL = "ok", "WARN", "skip", "FAIL"
 
@@ -146,6 +151,106 @@ def check_schemas(settings: Settings) -> CheckResult:
     return CheckResult("schemas", OK, f"{paths[0]} and {paths[1]} parse")
 
 
+def check_records(settings: Settings) -> CheckResult:
+    """The newest records of the person and event topics decode and map.
+
+    A schema file that parses but is not the one producers write with makes
+    every record a dead letter; reading a sample shows that before a run. Up to
+    ``SAMPLE_PER_PARTITION`` records from the end of each partition are read
+    without joining the group, so no offset moves.
+    """
+    from worker.pipeline import build_routes, to_item  # settings are valid here
+
+    try:
+        routes = build_routes(settings)
+    except ConfigError as exc:
+        return CheckResult("records", FAIL, str(exc))
+    try:
+        sample = _sample(settings, list(routes))
+    except KafkaException as exc:
+        return CheckResult(
+            "records", FAIL, f"cannot read the input topics: {exc.args[0]}"
+        )
+    lines, failed = [], False
+    for topic, messages in sample.items():
+        if not messages:
+            lines.append(f"{topic}: no records to sample")
+            continue
+        try:
+            items = [to_item(message, routes[topic]) for message in messages]
+        except TransientError as exc:
+            return CheckResult("records", FAIL, f"{topic}: {exc}")
+        refused = Counter(i.reject.reason for i in items if i.reject is not None)
+        decoded = sum(
+            1 for i in items if i.reject is None or i.reject.stage != "decode"
+        )
+        if not decoded:
+            failed = True
+            reason, _ = refused.most_common(1)[0]
+            lines.append(
+                f"{topic}: none of the {len(items)} newest records decode "
+                f"({reason}); the schema setting for this topic (CIO_SCHEMAS__"
+                "PERSON, CIO_SCHEMAS__EVENT, *_FORMAT) is not what producers use"
+            )
+        elif refused:
+            listed = ", ".join(f"{n} {r}" for r, n in refused.most_common(3))
+            lines.append(
+                f"{topic}: {len(items) - refused.total()} of the {len(items)} "
+                f"newest records map; refused: {listed}"
+            )
+        else:
+            lines.append(f"{topic}: the {len(items)} newest records map")
+    status = FAIL if failed else WARN if "refused" in " ".join(lines) else OK
+    return CheckResult("records", status, "; ".join(lines))
+
+
+def _sample(settings: Settings, topics: list[str]) -> dict[str, list[Any]]:
+    """Up to SAMPLE_PER_PARTITION of the newest records of each topic's partitions."""
+    consumer = Consumer(
+        {
+            **kafka_client_config(settings, "admin"),
+            "group.id": f"{settings.kafka.group_id}.check",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "isolation.level": "read_committed",
+            "log_level": 0,
+        }
+    )
+    sample: dict[str, list[Any]] = {topic: [] for topic in topics}
+    try:
+        assignment = []
+        metadata = consumer.list_topics(timeout=KAFKA_TIMEOUT_S)
+        for topic in topics:
+            partitions = (
+                metadata.topics[topic].partitions if topic in metadata.topics else {}
+            )
+            for partition in partitions:
+                tp = TopicPartition(topic, partition)
+                low, high = consumer.get_watermark_offsets(tp, timeout=KAFKA_TIMEOUT_S)
+                if high > low:
+                    tp.offset = max(low, high - SAMPLE_PER_PARTITION)
+                    assignment.append(tp)
+        consumer.assign(assignment)
+        deadline = time.monotonic() + SAMPLE_TIMEOUT_S
+        at_end = 0
+        while at_end < len(assignment) and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None:
+                continue
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    at_end += 1
+                    continue
+                raise KafkaException(error)
+            source = message.topic()
+            if source in sample:
+                sample[source].append(message)
+    finally:
+        consumer.close()
+    return sample
+
+
 def check_archive(settings: Settings) -> CheckResult:
     """The archive bucket takes a write, a list and a delete of a check object."""
     from worker.s3 import ArchiveError, ObjectStore  # boto3 only when needed
@@ -183,12 +288,14 @@ DEFAULT_CHECKS: tuple[Check, ...] = (
     check_kafka,
     check_track,
     check_schemas,
+    check_records,
     check_archive,
 )
 CHECK_NAMES: dict[Check, str] = {
     check_kafka: "kafka",
     check_track: "track",
     check_schemas: "schemas",
+    check_records: "records",
     check_archive: "s3",
 }
 

@@ -9,8 +9,10 @@ import time
 
 import pytest
 
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import ROOT, Topics
+from tests.integration.kafka_tools import committed_offsets
 from tests.integration.s3_server import free_port
+from worker.sandbox.sample import build_sample, produce
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +38,7 @@ def test_check_all_services_up_passes(archive_env: dict[str, str]) -> None:
     code, lines, _ = _check(archive_env)
 
     assert code == 0, lines
-    assert set(lines) == {"kafka", "track", "schemas", "s3"}
+    assert set(lines) == {"kafka", "track", "schemas", "records", "s3"}
     assert all(line.startswith("ok ") for line in lines.values()), lines
     assert archive_env["CIO_KAFKA__DEAD_LETTER_TOPIC"] in lines["kafka"]
 
@@ -101,3 +103,44 @@ def test_check_without_archive_skips_s3(worker_env: dict[str, str]) -> None:
 
     assert code == 0
     assert lines["s3"].startswith("skip s3")
+
+
+def test_check_records_sampled_ok_and_wrong_schema_fails(
+    worker_env: dict[str, str], kafka_bootstrap: str, topics: Topics
+) -> None:
+    """The newest records map with the right schemas; with a schema file that
+    parses but is not the producers' one, the records check fails and says
+    which setting to fix, and no offset of the group moves."""
+    sample = build_sample(30, 60, ROOT / "schemas", bad=False)
+    produce(kafka_bootstrap, sample, topics.person, topics.event)
+    wrong = ROOT / "schemas" / "person_event.avsc"  # parses, has person_email
+
+    good_code, good, _ = _check(worker_env)
+    bad_code, bad, _ = _check(worker_env, CIO_SCHEMAS__PERSON=str(wrong))
+
+    assert good_code == 0, good
+    assert good["records"].startswith("ok ")
+    assert f"{topics.person}: the 30 newest records map" in good["records"]
+    assert f"{topics.event}: the " in good["records"]
+    assert bad_code == 1
+    assert bad["records"].startswith("FAIL records")
+    assert f"{topics.person}: none of the 30 newest records decode" in bad["records"]
+    assert "CIO_SCHEMAS__PERSON" in bad["records"]
+    assert bad["schemas"].startswith("ok ")
+    committed = committed_offsets(kafka_bootstrap, topics.group, topics.person)
+    assert all(offset < 0 for offset in committed.values())  # none committed
+
+
+def test_check_records_some_refused_warns(
+    worker_env: dict[str, str], kafka_bootstrap: str, topics: Topics
+) -> None:
+    """Records that decode but some of which are refused: a warning with the
+    reasons, and the command passes."""
+    sample = build_sample(10, 0, ROOT / "schemas", bad=True)
+    produce(kafka_bootstrap, sample, topics.person, topics.event)
+
+    code, lines, _ = _check(worker_env)
+
+    assert code == 0, lines
+    assert lines["records"].startswith("WARN records")
+    assert "refused: " in lines["records"]
