@@ -10,7 +10,9 @@ as ``**********`` in ``repr``, logs and ``config show``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -521,13 +523,39 @@ def load_settings(path: Path | None = None) -> Settings:
     try:
         return Settings(**file_values)
     except SettingsError as exc:
-        raise ConfigError(f"invalid settings in the environment: {exc}") from None
+        raise ConfigError(
+            f"invalid settings in the environment: {_env_problem(exc)}"
+        ) from None
     except PydanticValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
             for err in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from None
+
+
+def _env_problem(error: SettingsError) -> str:
+    """Name the variable behind an environment parsing error: pydantic-settings
+    names only the section, while the culprit is a CIO_<SECTION>__<KEY> that
+    holds invalid JSON (a table-valued setting such as CIO_KAFKA__PROPERTIES)."""
+    found = re.search(r'field "(\w+)"', str(error))
+    if found is None:
+        return str(error)
+    prefix = f"CIO_{found.group(1).upper()}__"
+    for name, value in sorted(os.environ.items()):
+        if not name.upper().startswith(prefix):
+            continue
+        try:
+            json.loads(value)
+        except ValueError as exc:
+            if value.lstrip()[:1] in ("{", "[") or name.upper().endswith(
+                "__PROPERTIES"
+            ):
+                return (
+                    f"{name} is not valid JSON ({exc}); it takes a JSON object, "
+                    """for example '{"security.protocol": "SASL_SSL"}'"""
+                )
+    return str(error)
 
 
 def _read_toml(path: Path | None) -> dict[str, Any]:
@@ -549,6 +577,14 @@ def _read_toml(path: Path | None) -> dict[str, Any]:
                 f"config file {path} sets {name}; remove it and set "
                 f"CIO_{name.upper()} in the environment instead"
             )
+    for section, table in values.items():
+        for name in SECRET_KEYS:
+            if isinstance(table, dict) and name in table:
+                raise ConfigError(
+                    f"config file {path} sets [{section}] {name}; remove it and set "
+                    f"CIO_{name.upper()} in the environment instead (it belongs to "
+                    "no section and is never read from a file)"
+                )
     for section, names in SECTION_SECRET_KEYS.items():
         table = values.get(section)
         for name in names:
