@@ -141,7 +141,6 @@ def archive_line(rejected: Rejected, decoded: dict[str, Any] | None) -> dict[str
     """One JSON Lines record: the original bytes, why, and where it was."""
     first = rejected.first
     reasons = first.reasons()
-    original_headers, _ = first.split_headers()
     value = rejected.value
     chunk = first.chunk() if rejected.fragment else None
     return {
@@ -166,11 +165,11 @@ def archive_line(rejected: Rejected, decoded: dict[str, Any] | None) -> dict[str
             "attempts": _int(reasons.get("attempts")),
             "worker_version": reasons.get("worker.version"),
         },
-        "key": None if first.keyless else _b64(first.key),
+        "key": _b64(rejected.key),
         "value": _b64(value),
         "value_bytes": None if value is None else len(value),
         "value_sha256": None if value is None else hashlib.sha256(value).hexdigest(),
-        "headers": [[name, _b64(_bytes(v))] for name, v in original_headers],
+        "headers": [[name, _b64(_bytes(v))] for name, v in rejected.headers],
         "decoded": decoded,
         "fragment": None
         if chunk is None

@@ -31,8 +31,8 @@ class RedrivenRecord:
     def __init__(self, rejected: Rejected) -> None:
         first = rejected.first
         self._reasons = first.reasons()
-        self._headers = first.split_headers()[0]
-        self._key = None if first.keyless else first.key
+        self._headers = rejected.headers
+        self._key = rejected.key
         self._value = rejected.value
         self.attempts = _int(self._reasons.get("attempts"), 1) + 1
 

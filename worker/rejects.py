@@ -13,11 +13,22 @@ with the same headers plus ``cio.chunk.index``, ``cio.chunk.count``,
 ``cio.original.size`` and ``cio.original.sha256``. The reading side (used by the
 archiver, usable by any consumer) is ``StoredDeadLetter`` and ``assemble``,
 which joins chunks back into the original value and checks its digest.
+
+When even the original key and headers leave too little room for a slice of
+the value (they can be as large as the value), the chunks carry an *envelope*
+instead: the JSON object ``{"key": b64|null, "headers": [[name, b64|null], ...],
+"value": b64}`` holding the whole original record, marked by the header
+``cio.chunk.envelope``, under a key made from the source coordinates and with
+only the reason headers beside it. Joining the chunks opens the envelope, so a
+reader sees the original key, headers and value either way.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -50,6 +61,8 @@ ORIGINAL_SHA256 = "cio.original.sha256"
 # Set on the chunks of a record that had no key: they carry a key made from the
 # source coordinates instead, so that every chunk lands in the same partition.
 CHUNK_KEYLESS = "cio.chunk.keyless"
+# Set on the chunks of an envelope: the original key, headers and value together.
+CHUNK_ENVELOPE = "cio.chunk.envelope"
 REASON_NAMES = (
     "stage",
     "reason",
@@ -64,7 +77,14 @@ REASON_NAMES = (
 )
 WORKER_HEADERS = frozenset(
     [HEADER_PREFIX + name for name in REASON_NAMES]
-    + [CHUNK_INDEX, CHUNK_COUNT, ORIGINAL_SIZE, ORIGINAL_SHA256, CHUNK_KEYLESS]
+    + [
+        CHUNK_INDEX,
+        CHUNK_COUNT,
+        ORIGINAL_SIZE,
+        ORIGINAL_SHA256,
+        CHUNK_KEYLESS,
+        CHUNK_ENVELOPE,
+    ]
 )
 
 Headers = list[tuple[str, str | bytes | None]]
@@ -138,18 +158,21 @@ def dead_letter_records(
     """
     key, value = message.key(), message.value()
     headers = reject_headers(message, reject)
-    if not value or record_bytes(key, value, headers) <= max_record_bytes:
+    if record_bytes(key, value, headers) <= max_record_bytes:
         return [DeadLetterRecord(key, value, headers)]
 
-    if key is None:
-        source = f"{message.topic()}:{message.partition()}:{message.offset()}"
+    source = f"{message.topic()}:{message.partition()}:{message.offset()}"
+    widest = _chunk_headers(10**9, 10**9, 10**18, "0" * 64)
+    room = max_record_bytes - record_bytes(key, b"", [*headers, *widest])
+    if room < MIN_CHUNK_BYTES or not value:
+        original: Headers = list(message.headers() or [])
+        value = _envelope(key, original, value)
+        key = f"cio.chunk:{source}".encode()
+        headers = [*headers[len(original) :], (CHUNK_ENVELOPE, b"true")]
+    elif key is None:
         key = f"cio.chunk:{source}".encode()
         headers = [*headers, (CHUNK_KEYLESS, b"true")]
-    widest = _chunk_headers(10**9, 10**9, 10**18, "0" * 64)
-    room = max_record_bytes - record_bytes(key, b"", headers + widest)
-    # XXX: a key plus headers over ~836 KB leaves no room; chunks are then
-    # larger than the limit and the producer refuses them, which stops the
-    # worker with "dead letters not confirmed" rather than dropping the record.
+    room = max_record_bytes - record_bytes(key, b"", [*headers, *widest])
     size = max(room, MIN_CHUNK_BYTES)
     count = -(-len(value) // size)
     digest = hashlib.sha256(value).hexdigest()
@@ -191,6 +214,40 @@ def _chunk_headers(index: int, count: int, size: int, digest: str) -> Headers:
 
 def _as_bytes(value: str | bytes | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
+
+
+def _envelope(key: bytes | None, headers: Headers, value: bytes | None) -> bytes:
+    """The whole original record as one JSON object (see the module docstring)."""
+    return json.dumps(
+        {
+            "key": _b64(key),
+            "headers": [[name, _b64(_as_bytes(v))] for name, v in headers],
+            "value": _b64(value),
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def _open_envelope(
+    data: bytes,
+) -> tuple[bytes | None, tuple[tuple[str, bytes | None], ...], bytes | None] | None:
+    """(key, headers, value) from an envelope, or None when it is not one."""
+    try:
+        envelope = json.loads(data)
+        headers = tuple(
+            (str(name), _unb64(value)) for name, value in envelope["headers"]
+        )
+        return _unb64(envelope["key"]), headers, _unb64(envelope["value"])
+    except (ValueError, TypeError, KeyError, binascii.Error):
+        return None
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str | None) -> bytes | None:
+    return None if text is None else base64.b64decode(text, validate=True)
 
 
 # -- reading: dead letters back, chunks joined -----------------------------------
@@ -269,6 +326,11 @@ class StoredDeadLetter:
         """True when the key is the one made for the chunks of a keyless record."""
         return any(name == CHUNK_KEYLESS for name, _ in self.split_headers()[1])
 
+    @property
+    def enveloped(self) -> bool:
+        """True for a chunk of an envelope (see the module docstring)."""
+        return any(name == CHUNK_ENVELOPE for name, _ in self.split_headers()[1])
+
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
@@ -283,10 +345,28 @@ class Rejected:
     parts: tuple[StoredDeadLetter, ...]
     value: bytes | None
     fragment: bool = False
+    # From an opened envelope: the original key and headers, which the parts
+    # themselves do not carry.
+    envelope: tuple[bytes | None, tuple[tuple[str, bytes | None], ...]] | None = None
 
     @property
     def first(self) -> StoredDeadLetter:
         return self.parts[0]
+
+    @property
+    def key(self) -> bytes | None:
+        """The original record's key."""
+        if self.envelope is not None:
+            return self.envelope[0]
+        first = self.first
+        return None if first.keyless else first.key
+
+    @property
+    def headers(self) -> Headers:
+        """The original record's own headers, without the worker's."""
+        if self.envelope is not None:
+            return list(self.envelope[1])
+        return self.first.split_headers()[0]
 
 
 ChunkId = tuple[str, str, str, str]
@@ -372,6 +452,12 @@ def _joined(parts: list[StoredDeadLetter], chunk: Chunk) -> list[Rejected]:
     digest = hashlib.sha256(value).hexdigest()
     if len(value) != chunk.original_size or digest != chunk.original_sha256:
         return _fragments(parts)
+    if parts[0].enveloped:
+        opened = _open_envelope(value)
+        if opened is None:
+            return _fragments(parts)
+        key, headers, original = opened
+        return [Rejected(tuple(parts), original, envelope=(key, headers))]
     return [Rejected(tuple(parts), value)]
 
 

@@ -29,6 +29,7 @@ from worker.archive_format import (
 )
 from worker.rejects import (
     CHUNK_COUNT,
+    CHUNK_ENVELOPE,
     CHUNK_INDEX,
     CHUNK_KEYLESS,
     DEAD_LETTER_MAX_RECORD_BYTES,
@@ -158,17 +159,49 @@ def test_dead_letter_records_keyless_chunks_share_a_made_up_key() -> None:
     assert archive_line(rejected, None)["key"] is None
 
 
-@pytest.mark.parametrize("value", [None, b""])
-def test_dead_letter_records_no_value_never_chunked_never_dropped(
-    value: bytes | None,
+@pytest.mark.parametrize(
+    ("key", "headers", "value"),
+    [
+        (b"k", [("big", b"h" * 2_000_000)], None),  # a tombstone with huge headers
+        (b"k", [("big", b"h" * 2_000_000)], b""),
+        (b"k", [("big", b"h" * 880_000), ("n", None)], b"v" * 300_000),
+        (b"K" * 1_500_000, [], b"v" * 10),  # a huge key
+        (None, [("big", b"h" * 950_000)], b"v" * 1_000),
+    ],
+)
+def test_dead_letter_records_huge_key_or_headers_enveloped_losslessly(
+    key: bytes | None, headers: list[tuple[str, bytes | None]], value: bytes | None
 ) -> None:
-    """A tombstone or an empty value with huge headers is still one record."""
-    huge = [("big", b"h" * 2_000_000)]
+    """When the original key and headers leave no room for a slice of the
+    value, the whole record travels in an envelope over chunks that each fit,
+    and reading them back gives the original key, headers and value."""
+    original = message(value, key_bytes=key, header_list=headers)
 
-    records = dead_letter_records(message(value, header_list=huge), REJECT)
+    records = dead_letter_records(original, REJECT)
 
-    assert len(records) == 1
-    assert records[0].value == value
+    assert len(records) > 1
+    assert all(record_bytes(*r) <= DEAD_LETTER_MAX_RECORD_BYTES for r in records)
+    assert {r.key for r in records} == {b"cio.chunk:persons:2:40"}
+    assert all(dict(r.headers)[CHUNK_ENVELOPE] == b"true" for r in records)
+    assert all("big" not in dict(r.headers) for r in records)
+    (rejected,) = assemble(stored(records))
+    assert not rejected.fragment
+    assert (rejected.key, rejected.headers, rejected.value) == (key, headers, value)
+    line = archive_line(rejected, None)
+    assert line["key"] == (None if key is None else base64.b64encode(key).decode())
+    assert [name for name, _ in line["headers"]] == [name for name, _ in headers]
+    assert line["reject"]["reason"] == REJECT.reason
+
+
+def test_dead_letter_records_envelope_with_a_chunk_lost_is_kept_as_fragments() -> None:
+    """An envelope missing a chunk is not opened; its chunks stay as fragments."""
+    original = message(b"v", header_list=[("big", b"h" * 2_000_000)])
+    records = dead_letter_records(original, REJECT)
+
+    rejected = assemble(stored(records[:1] + records[2:]))
+
+    assert all(r.fragment for r in rejected)
+    assert len(rejected) == len(records) - 1
 
 
 def test_reason_names_match_reject_headers() -> None:
