@@ -287,6 +287,66 @@ def test_oversize_record_survives_dead_lettering_and_archiving_byte_exact(
     assert line["fragment"] is None
 
 
+def test_record_with_huge_headers_survives_as_an_envelope(
+    archive_env: dict[str, str],
+    topics: Topics,
+    kafka_bootstrap: str,
+    s3_endpoint: str,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refused record whose headers alone exceed the dead-letter topic's
+    1 MB limit is dead-lettered as envelope chunks, the worker goes on, and
+    the archive holds its key, headers and value byte-exact."""
+    run = topics.group
+    person_topic, dead_letter_topic = f"{run}.big-persons", f"{run}.small-dlq"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    created = admin.create_topics(
+        [
+            NewTopic(person_topic, 1, 1, config={"max.message.bytes": "10485760"}),
+            NewTopic(
+                dead_letter_topic,
+                1,
+                1,
+                config={"max.message.bytes": KAFKA_DEFAULT_MAX_MESSAGE_BYTES},
+            ),
+        ]
+    )
+    for future in created.values():
+        future.result()
+    monkeypatch.setenv("CIO_KAFKA__PERSON_TOPIC", person_topic)
+    monkeypatch.setenv("CIO_KAFKA__DEAD_LETTER_TOPIC", dead_letter_topic)
+    trace = random.Random(5).randbytes(1_500_000)
+    refused = encode(PERSON_SCHEMA, {"person_email": "", "first_name": "No"})
+    good = encode(PERSON_SCHEMA, {"person_email": "ok@example.com"})
+    producer = Producer(
+        {"bootstrap.servers": kafka_bootstrap, "message.max.bytes": 10_000_000}
+    )
+    producer.produce(person_topic, refused, b"k-1", headers=[("trace", trace)])
+    producer.produce(person_topic, good, b"ok@example.com")
+    assert producer.flush(30) == 0
+
+    counters = Worker(load_settings(), until_caught_up=True).run()
+    chunks = read_all(kafka_bootstrap, dead_letter_topic)
+    Archiver(load_settings(), until_caught_up=True).run()
+
+    assert (counters.rejected, counters.delivered) == (1, 1)
+    assert len(chunks) == 3  # 2 MB of base64 envelope in slices under 900 KB
+    assert all(dict(m.headers())["cio.chunk.envelope"] == b"true" for m in chunks)
+    (joined,) = assemble([StoredDeadLetter.from_message(m) for m in chunks])
+    assert (joined.key, joined.headers, joined.value) == (
+        b"k-1",
+        [("trace", trace)],
+        refused,
+    )
+    (line,) = _lines(read_archive(s3_endpoint, s3_bucket))
+    assert base64.b64decode(line["key"]) == b"k-1"
+    assert line["headers"] == [["trace", base64.b64encode(trace).decode()]]
+    assert base64.b64decode(line["value"]) == refused
+    assert line["reject"]["reason"] == "missing_identifier"
+    assert line["fragment"] is None
+
+
 def test_archive_pauses_during_an_s3_outage_then_archives_everything(
     archive_env: dict[str, str],
     topics: Topics,
