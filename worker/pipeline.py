@@ -87,7 +87,7 @@ def to_item(message: Any, route: TopicRoute) -> Item:
         )
         reject = Reject(exc.stage, exc.reason, exc.message, exc.field)
         return Item(offset, message, reject=reject)
-    return Item(offset, message, entry=entry_bytes)
+    return Item(offset, message, entry=entry_bytes, data=entry)
 
 
 def build_routes(settings: Settings) -> dict[str, TopicRoute]:
@@ -99,6 +99,7 @@ def build_routes(settings: Settings) -> dict[str, TopicRoute]:
         Kind.PERSON,
         schemas.person,
         schemas.person_format,
+        schemas.person_writer,
         registry,
         TopicMapping(mapping.person_identifier, mapping.person_identifier_field),
         mapping.person_tombstones,
@@ -107,6 +108,7 @@ def build_routes(settings: Settings) -> dict[str, TopicRoute]:
         Kind.EVENT,
         schemas.event,
         schemas.event_format,
+        schemas.event_writer,
         registry,
         TopicMapping(mapping.event_identifier, mapping.event_identifier_field),
     )
@@ -146,6 +148,7 @@ def _route(
     kind: Kind,
     path: Path,
     framing: str,
+    writer_path: Path | None,
     registry: SchemaRegistry | None,
     identity: TopicMapping,
     tombstones: TombstonePolicy = "ignore",
@@ -153,9 +156,12 @@ def _route(
     schema = load_schema(path)
     if not isinstance(schema, dict) or schema.get("type") != "record":
         raise ConfigError(f"the {kind.value} schema {path} must be an Avro record")
-    decoder: Decoder = AvroDecoder(schema)
+    writer = _writer_schema(kind, writer_path, schema)
+    decoder: Decoder = AvroDecoder(schema, writer)
     if registry is not None and framing in ("confluent", "auto"):
-        decoder = FramedDecoder(schema, registry, plain_fallback=framing == "auto")
+        decoder = FramedDecoder(
+            schema, registry, plain_fallback=framing == "auto", plain_writer=writer
+        )
     if identity.identifier_field not in {f["name"] for f in schema["fields"]}:
         setting = f"CIO_MAPPING__{kind.name}_IDENTIFIER_FIELD"
         raise ConfigError(
@@ -166,6 +172,28 @@ def _route(
     shape = RecordShape.of(schema)
     mapping = TopicMapping(identity.identifier_type, identity.identifier_field, shape)
     return TopicRoute(kind, decoder, mapping, tombstones)
+
+
+def _writer_schema(kind: Kind, path: Path | None, reader: Any) -> Any:
+    """The parsed writer schema of plain values; None when plain values use
+    the reader schema. Avro resolves a record only to one of the same full
+    name, which is checked here; field by field it is checked per record
+    (``schema_mismatch``), and ``cio-worker check`` tries it on real records."""
+    if path is None:
+        return None
+    writer = load_schema(path)
+    setting = f"CIO_SCHEMAS__{kind.name}_WRITER"
+    if not isinstance(writer, dict) or writer.get("type") != "record":
+        raise ConfigError(f"the {kind.value} writer schema {path} ({setting}) "
+                          "must be an Avro record")  # fmt: skip
+    if writer.get("name") != reader.get("name"):
+        raise ConfigError(
+            f"the {kind.value} writer schema {path} ({setting}) is the record "
+            f"{writer.get('name')}, the {kind.value} schema the record "
+            f"{reader.get('name')}: Avro resolves a record only to one of the "
+            "same full name"
+        )
+    return writer
 
 
 def _registry(settings: Settings) -> SchemaRegistry | None:

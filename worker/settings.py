@@ -246,6 +246,17 @@ class SchemaSettings(_Section):
     event_format: Literal["avro", "confluent", "auto"] = Field(
         "avro", description="Event topic values: avro, confluent or auto."
     )
+    person_writer: Path | None = Field(
+        None,
+        description=(
+            "Schema producers write plain Avro person values with, when it is not "
+            "the person schema itself; values are resolved from it to the person "
+            "schema. Unset: plain values are read with the person schema."
+        ),
+    )
+    event_writer: Path | None = Field(
+        None, description="The same, for plain Avro values on the event topic."
+    )
     registry_url: str = Field(
         "",
         description=(
@@ -280,6 +291,19 @@ class SchemaSettings(_Section):
                     f"remove it from the file and set {REGISTRY_PASSWORD_ENV}"
                 )
         return values
+
+    @model_validator(mode="after")
+    def _writer_for_plain_values(self) -> SchemaSettings:
+        for kind in ("person", "event"):
+            if getattr(self, f"{kind}_writer") and (
+                getattr(self, f"{kind}_format") == "confluent"
+            ):
+                raise ValueError(
+                    f"{kind}_writer applies to plain Avro values, but "
+                    f"{kind}_format is confluent, where every value names its "
+                    f"writer schema: unset CIO_SCHEMAS__{kind.upper()}_WRITER"
+                )
+        return self
 
     @model_validator(mode="after")
     def _registry_usable(self) -> SchemaSettings:

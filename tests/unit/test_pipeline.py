@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastavro import parse_schema
 from structlog.testing import capture_logs
 
 from tests.unit.fakes import FakeMessage
@@ -431,3 +432,73 @@ def test_build_routes_confluent_without_registry_refused(
         routes_from(monkeypatch, CIO_SCHEMAS__EVENT_FORMAT="confluent")
 
     assert "CIO_SCHEMAS__REGISTRY_URL" in str(caught.value)
+
+
+OLD_PERSON = {
+    "type": "record",
+    "name": "Person",
+    "namespace": "io.cioworker",
+    "fields": [
+        {"name": "person_email", "type": "string"},
+        {"name": "nickname", "type": "string"},  # dropped: the reader lacks it
+        {"name": "plan", "type": "string"},  # the reader's is ["null", "string"]
+    ],
+}
+
+
+def write_schema(tmp_path: Path, schema: dict[str, Any]) -> str:
+    path = tmp_path / "writer.avsc"
+    path.write_text(json.dumps(schema))
+    return str(path)
+
+
+@pytest.mark.parametrize("framing", ["avro", "auto"])
+def test_build_routes_plain_writer_schema_resolved_to_reader(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, framing: str
+) -> None:
+    """Plain values written with another schema are resolved to the reader:
+    the writer's extra field is dropped, the reader's new fields default."""
+    routes = routes_from(
+        monkeypatch,
+        CIO_SCHEMAS__PERSON_WRITER=write_schema(tmp_path, OLD_PERSON),
+        CIO_SCHEMAS__PERSON_FORMAT=framing,
+        CIO_SCHEMAS__REGISTRY_URL="http://127.0.0.1:1",
+    )
+    value = encode(
+        parse_schema(OLD_PERSON),
+        {"person_email": "ann@x.io", "nickname": "A", "plan": "pro"},
+    )
+
+    record = routes["persons"].decoder.decode(value)
+
+    assert record["plan"] == "pro"
+    assert record["first_name"] is None
+    assert record["attributes"] == {}
+    assert "nickname" not in record
+
+
+@pytest.mark.parametrize(
+    ("schema", "framing", "expected"),
+    [
+        ({**OLD_PERSON, "name": "Customer"}, "avro", "same full name"),
+        (OLD_PERSON, "confluent", "unset CIO_SCHEMAS__PERSON_WRITER"),
+        ({"type": "string"}, "avro", "must be an Avro record"),
+    ],
+)
+def test_build_routes_unusable_writer_schema_refused(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    schema: dict[str, Any],
+    framing: str,
+    expected: str,
+) -> None:
+    """A writer schema that cannot apply stops start-up, saying why."""
+    with pytest.raises(ConfigError) as caught:
+        routes_from(
+            monkeypatch,
+            CIO_SCHEMAS__PERSON_WRITER=write_schema(tmp_path, schema),
+            CIO_SCHEMAS__PERSON_FORMAT=framing,
+            CIO_SCHEMAS__REGISTRY_URL="http://127.0.0.1:1",
+        )
+
+    assert expected in str(caught.value)
