@@ -232,6 +232,29 @@ def test_archive_crash_after_upload_redoes_the_same_range(
     assert offsets == list(range(10))
 
 
+def _big_person_topic(
+    bootstrap: str, topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, str]:
+    """A person topic taking 10 MB records and a dead-letter topic with Kafka's
+    default 1 MB limit, both set in the worker's environment."""
+    person_topic = f"{topics.group}.big-persons"
+    dead_letter_topic = f"{topics.group}.small-dlq"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    limits = {
+        person_topic: "10485760",
+        dead_letter_topic: KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+    }
+    created = admin.create_topics(
+        [NewTopic(name, 1, 1, config={"max.message.bytes": limit})
+         for name, limit in limits.items()]
+    )  # fmt: skip
+    for future in created.values():
+        future.result()
+    monkeypatch.setenv("CIO_KAFKA__PERSON_TOPIC", person_topic)
+    monkeypatch.setenv("CIO_KAFKA__DEAD_LETTER_TOPIC", dead_letter_topic)
+    return person_topic, dead_letter_topic
+
+
 def test_oversize_record_survives_dead_lettering_and_archiving_byte_exact(
     archive_env: dict[str, str],
     topics: Topics,
@@ -242,24 +265,9 @@ def test_oversize_record_survives_dead_lettering_and_archiving_byte_exact(
 ) -> None:
     """A 3 MB record refused by the worker reaches a dead-letter topic with
     Kafka's default 1 MB limit as chunks, and the archive holds it byte-exact."""
-    run = topics.group
-    person_topic, dead_letter_topic = f"{run}.big-persons", f"{run}.small-dlq"
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    created = admin.create_topics(
-        [
-            NewTopic(person_topic, 1, 1, config={"max.message.bytes": "10485760"}),
-            NewTopic(
-                dead_letter_topic,
-                1,
-                1,
-                config={"max.message.bytes": KAFKA_DEFAULT_MAX_MESSAGE_BYTES},
-            ),
-        ]
+    person_topic, dead_letter_topic = _big_person_topic(
+        kafka_bootstrap, topics, monkeypatch
     )
-    for future in created.values():
-        future.result()
-    monkeypatch.setenv("CIO_KAFKA__PERSON_TOPIC", person_topic)
-    monkeypatch.setenv("CIO_KAFKA__DEAD_LETTER_TOPIC", dead_letter_topic)
     name = "".join(random.Random(3).choices(string.ascii_letters, k=3_000_000))
     value = encode(
         PERSON_SCHEMA, {"person_email": "big@example.com", "first_name": name}
@@ -298,24 +306,9 @@ def test_record_with_huge_headers_survives_as_an_envelope(
     """A refused record whose headers alone exceed the dead-letter topic's
     1 MB limit is dead-lettered as envelope chunks, the worker goes on, and
     the archive holds its key, headers and value byte-exact."""
-    run = topics.group
-    person_topic, dead_letter_topic = f"{run}.big-persons", f"{run}.small-dlq"
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    created = admin.create_topics(
-        [
-            NewTopic(person_topic, 1, 1, config={"max.message.bytes": "10485760"}),
-            NewTopic(
-                dead_letter_topic,
-                1,
-                1,
-                config={"max.message.bytes": KAFKA_DEFAULT_MAX_MESSAGE_BYTES},
-            ),
-        ]
+    person_topic, dead_letter_topic = _big_person_topic(
+        kafka_bootstrap, topics, monkeypatch
     )
-    for future in created.values():
-        future.result()
-    monkeypatch.setenv("CIO_KAFKA__PERSON_TOPIC", person_topic)
-    monkeypatch.setenv("CIO_KAFKA__DEAD_LETTER_TOPIC", dead_letter_topic)
     trace = random.Random(5).randbytes(1_500_000)
     refused = encode(PERSON_SCHEMA, {"person_email": "", "first_name": "No"})
     good = encode(PERSON_SCHEMA, {"person_email": "ok@example.com"})
