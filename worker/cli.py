@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -227,37 +228,38 @@ def _run(settings: Settings, *, until_caught_up: bool) -> int:
     from worker.loop import Worker  # imported late: keeps `config show` light
     from worker.metrics import Metrics
 
-    try:
+    def run() -> Any:
         metrics = Metrics()
         with serving(settings.metrics, metrics):
             worker = Worker(settings, until_caught_up=until_caught_up, metrics=metrics)
             worker.install_signal_handlers()
             with background_archiver(settings):  # a no-op unless [archive] enabled
-                counters = worker.run()
-    except ConfigError as exc:
-        log.error("configuration_error", error=str(exc))
-        print(f"cio-worker: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except WorkerError as exc:
-        log.error("worker_failed", error=str(exc), exc_info=True)
-        return EXIT_FAILED
-    print(json.dumps(counters.as_dict()), flush=True)
-    return EXIT_OK
+                return worker.run()
+
+    return _report(run, "worker_failed")
 
 
 def _archive(settings: Settings, *, until_caught_up: bool) -> int:
     from worker.archive import Archiver  # imported late: boto3 loads slowly
 
-    try:
+    def run() -> Any:
         archiver = Archiver(settings, until_caught_up=until_caught_up)
         archiver.install_signal_handlers()
-        counters = archiver.run()
+        return archiver.run()
+
+    return _report(run, "archiver_failed")
+
+
+def _report(run: Callable[[], Any], failure_event: str) -> int:
+    """Run a long-running command; print its counters, or say why it stopped."""
+    try:
+        counters = run()
     except ConfigError as exc:
         log.error("configuration_error", error=str(exc))
         print(f"cio-worker: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except WorkerError as exc:
-        log.error("archiver_failed", error=str(exc), exc_info=True)
+        log.error(failure_event, error=str(exc), exc_info=True)
         return EXIT_FAILED
     print(json.dumps(counters.as_dict()), flush=True)
     return EXIT_OK
