@@ -21,6 +21,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from structlog.testing import capture_logs
 
+from tests.integration.cli import run_cli
 from tests.integration.conftest import ROOT, Topics
 from tests.integration.kafka_tools import committed_offsets, end_offsets, read_all
 from tests.integration.s3_server import (
@@ -419,26 +420,10 @@ def test_archive_command_never_shows_the_secret_key(
     """`cio-worker archive` exits 0 and its output, at DEBUG, never holds the
     secret access key; nor does `config show`."""
     _write_dead_letters(kafka_bootstrap, topics.dead_letter, 3)
-    env = {**os.environ, **archive_env, "CIO_LOG__LEVEL": "DEBUG"}
+    env = {**archive_env, "CIO_LOG__LEVEL": "DEBUG"}
 
-    result = subprocess.run(
-        [sys.executable, "-m", "worker", "archive", "--until-caught-up"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    shown = subprocess.run(
-        [sys.executable, "-m", "worker", "config", "show"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli(env, "archive", "--until-caught-up")
+    shown = run_cli(env, "config", "show", timeout_s=60)
 
     assert result.returncode == 0, result.stderr
     assert '"archived": 3' in result.stdout
@@ -458,15 +443,8 @@ def test_run_with_archive_enabled_runs_the_archiver_beside_it(
     thread and still exits 0."""
     produce(kafka_bootstrap, _sample_with_refusals(), topics.person, topics.event)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "worker", "run", "--until-caught-up"],
-        env={**os.environ, **archive_env, "CIO_ARCHIVE__ENABLED": "true"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    env = {**archive_env, "CIO_ARCHIVE__ENABLED": "true"}
+    result = run_cli(env, "run", "--until-caught-up")
 
     assert result.returncode == 0, result.stderr
     assert '"archiver_started"' in result.stderr

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
+from tests.integration.cli import run_cli
 from tests.integration.conftest import ROOT, Topics
 from tests.integration.kafka_tools import committed_offsets
 from tests.integration.s3_server import free_port
@@ -20,15 +18,7 @@ pytestmark = pytest.mark.integration
 def _check(env: dict[str, str], **changes: str) -> tuple[int, dict[str, str], float]:
     """Run the command; return its exit code, its lines by check name, seconds."""
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "worker", "check"],
-        env={**os.environ, **env, **changes},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli({**env, **changes}, "check", timeout_s=60)
     lines = {line.split()[1]: line for line in result.stdout.splitlines()}
     return result.returncode, lines, time.monotonic() - started
 

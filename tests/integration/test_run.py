@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from ulid import ULID
 
+from tests.integration.cli import run_cli
 from tests.integration.conftest import ROOT, Topics
 from tests.integration.kafka_tools import committed_offsets, end_offsets, read_all
 from worker.avro import encode, load_schema
@@ -194,15 +195,7 @@ def test_run_stopped_midway_and_restarted_loses_nothing(
     assert accepted_first < len(sample.records) - 4
 
     simulator.clear_faults()
-    second = subprocess.run(
-        [sys.executable, "-m", "worker", "run", "--until-caught-up"],
-        env={**os.environ, **worker_env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    second = run_cli(worker_env, "run", "--until-caught-up")
     assert second.returncode == 0, second.stderr
 
     people = simulator.people()
@@ -220,17 +213,9 @@ def test_run_with_missing_topic_exits_2_with_what_to_fix(
     worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A topic that does not exist stops the worker at start-up, naming it."""
-    env = {**os.environ, **worker_env, "CIO_KAFKA__EVENT_TOPIC": "no-such-topic"}
+    env = {**worker_env, "CIO_KAFKA__EVENT_TOPIC": "no-such-topic"}
 
-    result = subprocess.run(
-        [sys.executable, "-m", "worker", "run"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli(env, "run", timeout_s=60)
 
     assert result.returncode == 2
     assert "no-such-topic" in result.stderr
@@ -247,15 +232,8 @@ def test_run_never_logs_the_api_key(
     sample, _ = _known_sample(people=20, events=40)
     produce(kafka_bootstrap, sample, topics.person, topics.event)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "worker", "run", "--until-caught-up"],
-        env={**os.environ, **worker_env, "CIO_LOG__LEVEL": "DEBUG"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    env = {**worker_env, "CIO_LOG__LEVEL": "DEBUG"}
+    result = run_cli(env, "run", "--until-caught-up")
 
     assert result.returncode == 0, result.stderr
     key = worker_env["CIO_API_KEY"]

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +15,7 @@ from confluent_kafka.admin import (
     ConfigResource,
 )
 
+from tests.integration.cli import run_cli
 from tests.integration.conftest import ROOT, Topics
 from tests.integration.kafka_tools import committed_offsets, read_all
 from worker.avro import encode, load_schema
@@ -60,18 +58,6 @@ def _events(count: int, start: int = 0) -> Sample:
     return sample
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        env={**os.environ, **env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-
-
 def _stats(simulator: TrackSimulator) -> dict[str, Any]:
     stats: dict[str, Any] = simulator.snapshot()["stats"]
     return stats
@@ -91,7 +77,7 @@ def test_person_republished_unchanged_is_not_sent_again_even_after_restart(
 
     produce(kafka_bootstrap, _people(40), topics.person, topics.event)
     produce(kafka_bootstrap, _people(5, plan="growth"), topics.person, topics.event)
-    second = _cli(worker_env, "run", "--until-caught-up")
+    second = run_cli(worker_env, "run", "--until-caught-up")
 
     assert second.returncode == 0, second.stderr
     assert '"state_restored"' in second.stderr
@@ -115,13 +101,13 @@ def test_replay_of_delivered_data_sends_nothing_unless_forced(
     received = _stats(simulator)["entries_received"]
     committed = committed_offsets(kafka_bootstrap, topics.group, topics.event)
 
-    plain = _cli(worker_env, "replay", "--topic", topics.event, "--from-beginning")
+    plain = run_cli(worker_env, "replay", "--topic", topics.event, "--from-beginning")
 
     assert plain.returncode == 0, plain.stderr
     assert _stats(simulator)["entries_received"] == received
     assert '"skipped": 300' in plain.stdout
 
-    forced = _cli(
+    forced = run_cli(
         worker_env,
         "replay",
         "--topic",
@@ -156,7 +142,7 @@ def test_replay_impossible_range_exits_2_with_reason(
 ) -> None:
     """An offset past the end, an unknown partition or an unreadable time is a
     clear error before anything is sent."""
-    result = _cli(worker_env, "replay", "--topic", topics.event, *args)
+    result = run_cli(worker_env, "replay", "--topic", topics.event, *args)
 
     assert result.returncode == 2
     assert message in result.stderr
@@ -172,7 +158,7 @@ def test_offsets_reset_dry_run_prints_plan_and_changes_nothing(
     Worker(load_settings(), until_caught_up=True).run()
     before = committed_offsets(kafka_bootstrap, topics.group, topics.event)
 
-    dry = _cli(
+    dry = run_cli(
         worker_env,
         "offsets",
         "reset",
@@ -187,7 +173,7 @@ def test_offsets_reset_dry_run_prints_plan_and_changes_nothing(
     assert "-> 0" in dry.stdout
     assert committed_offsets(kafka_bootstrap, topics.group, topics.event) == before
 
-    real = _cli(
+    real = run_cli(
         worker_env, "offsets", "reset", "--topic", topics.event, "--to-beginning"
     )
 
@@ -222,7 +208,7 @@ def test_redrive_delivers_fixed_records_and_returns_failures_with_attempts(
     assert (first.delivered, first.rejected) == (0, 22)
     monkeypatch.delenv("CIO_SCHEMAS__EVENT")
 
-    result = _cli(worker_env, "dlq", "redrive", "--source-topic", topics.event)
+    result = run_cli(worker_env, "dlq", "redrive", "--source-topic", topics.event)
 
     assert result.returncode == 0, result.stderr
     assert len(simulator.events()) == 20
@@ -248,7 +234,7 @@ def test_redrive_delivers_fixed_records_and_returns_failures_with_attempts(
     }
     assert {e["id"] for e in simulator.events()} == derived
 
-    repeat = _cli(worker_env, "dlq", "redrive", "--reason", "no_such_reason")
+    repeat = run_cli(worker_env, "dlq", "redrive", "--reason", "no_such_reason")
 
     assert repeat.returncode == 0, repeat.stderr
     assert '"consumed": 0' in repeat.stdout
@@ -279,7 +265,7 @@ def test_redrive_joins_a_chunked_dead_letter_and_chunks_it_again_on_failure(
     first = Worker(load_settings(), until_caught_up=True).run()
     assert first.rejected == 1
 
-    result = _cli(worker_env, "dlq", "redrive")
+    result = run_cli(worker_env, "dlq", "redrive")
 
     assert result.returncode == 0, result.stderr
     rejected = assemble(
