@@ -9,6 +9,7 @@ runs to the end of the topics without stopping.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from fastavro import parse_schema
 from tests.integration.conftest import ROOT, Topics
 from tests.integration.kafka_tools import committed_offsets, end_offsets, read_all
 from tests.integration.registry_stub import RegistryStub
+from tests.integration.s3_server import read_archive
+from worker.archive import Archiver
 from worker.avro import encode, encode_framed
 from worker.loop import Worker
 from worker.rejects import header_map
@@ -574,7 +577,9 @@ def registry() -> Iterator[RegistryStub]:
 
 
 def test_corpus_every_record_delivered_as_expected_or_dead_lettered(
-    worker_env: dict[str, str],
+    archive_env: dict[str, str],
+    s3_endpoint: str,
+    s3_bucket: str,
     topics: Topics,
     simulator: TrackSimulator,
     kafka_bootstrap: str,
@@ -582,7 +587,8 @@ def test_corpus_every_record_delivered_as_expected_or_dead_lettered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each corpus record reaches the API exactly as expected or is dead-lettered
-    with its stage and reason; the worker reads to the end and commits it all."""
+    with its stage and reason, and archived to S3; the worker reads to the end
+    and commits it all."""
     corpus = build_corpus()
     assert len(corpus.records) >= 60
     produce(kafka_bootstrap, corpus, topics)
@@ -609,6 +615,9 @@ def test_corpus_every_record_delivered_as_expected_or_dead_lettered(
     assert not corpus.gone & set(people)
     assert_events(simulator.events(), corpus)
     assert_dead_letters(read_all(kafka_bootstrap, topics.dead_letter), corpus)
+    worker_requests = list(registry.requests)
+    Archiver(load_settings(), until_caught_up=True).run()
+    assert_archived(read_archive(s3_endpoint, s3_bucket), corpus)
 
     assert counters.consumed == len(corpus.records)
     assert counters.rejected == len(corpus.dead)
@@ -617,8 +626,8 @@ def test_corpus_every_record_delivered_as_expected_or_dead_lettered(
     )
     # basic auth accepted; each id and reference asked once, the unknown ones
     # answered 404
-    asked = dict(registry.requests)
-    assert len(asked) == len(registry.requests)
+    asked = dict(worker_requests)
+    assert len(asked) == len(worker_requests)
     assert asked.pop(f"/schemas/ids/{UNKNOWN_ID}") == 404
     assert asked.pop("/subjects/deleted-subject/versions/4") == 404
     assert asked.pop(f"/subjects/{ADDRESS_SUBJECT}/versions/1") == 200
@@ -634,6 +643,23 @@ def test_corpus_every_record_delivered_as_expected_or_dead_lettered(
     Worker(load_settings(), until_caught_up=True).run()
     assert simulator.events() == events_before
     assert simulator.people() == people
+
+
+def assert_archived(objects: dict[str, list[Any]], corpus: Corpus) -> None:
+    """Every dead letter is one archive line with its original bytes, reason and
+    source coordinates."""
+    values = {key: value for _, key, value in corpus.records}
+    lines = [line for key in sorted(objects) for line in objects[key]]
+    got: dict[bytes | None, tuple[str, str]] = {}
+    for line in lines:
+        key = None if line["key"] is None else base64.b64decode(line["key"])
+        got[key] = (line["reject"]["stage"], line["reject"]["reason"])
+        value = None if line["value"] is None else base64.b64decode(line["value"])
+        assert value == values[key], key
+        assert line["source"]["offset"] is not None, key
+        assert line["fragment"] is None, key
+    assert got == corpus.dead
+    assert len(lines) == len(corpus.dead)
 
 
 def assert_events(events: list[Any], corpus: Corpus) -> None:
