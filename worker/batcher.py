@@ -32,6 +32,9 @@ class Item:
     skipped: bool = False  # nothing to send: a duplicate, or ignored by policy
     state_update: StateUpdate | None = None
     state_partition: int = -1
+    # The entry as a dict, from mapping to dedupe only: dedupe reads it instead
+    # of parsing ``entry`` again, then drops it (it is not kept while buffered).
+    data: dict[str, Any] | None = None
 
     @property
     def size(self) -> int:
@@ -76,9 +79,10 @@ class Batch:
         added = len(entry) + 1  # the comma before it
         return self.entry_count < max_entries and self.body_bytes + added < max_bytes
 
-    def add(self, item: Item) -> None:
+    def add(self, item: Item, size: int | None = None) -> None:
+        """Append an item; ``size`` is its ``item.size`` when the caller has it."""
         self.items.append(item)
-        self.buffered_bytes += item.size
+        self.buffered_bytes += item.size if size is None else size
         if item.entry is not None:
             self.body_bytes += len(item.entry) + (1 if self.entry_count else 0)
             self.entry_count += 1
@@ -112,8 +116,9 @@ class PartitionBuffer:
             self._seal()
         if self._open is None:
             self._open = Batch(self.topic, self.partition, created_at=now)
-        self._open.add(item)
-        self.buffered_bytes += item.size
+        size = item.size
+        self._open.add(item, size)
+        self.buffered_bytes += size
         if self._open.entry_count >= limits.max_entries:
             self._seal()
 
