@@ -75,17 +75,7 @@ REASON_NAMES = (
     "attempts",
     "worker.version",
 )
-WORKER_HEADERS = frozenset(
-    [HEADER_PREFIX + name for name in REASON_NAMES]
-    + [
-        CHUNK_INDEX,
-        CHUNK_COUNT,
-        ORIGINAL_SIZE,
-        ORIGINAL_SHA256,
-        CHUNK_KEYLESS,
-        CHUNK_ENVELOPE,
-    ]
-)
+CHUNK_NAMES = (CHUNK_INDEX, CHUNK_COUNT, ORIGINAL_SIZE, ORIGINAL_SHA256)
 
 Headers = list[tuple[str, str | bytes | None]]
 
@@ -297,12 +287,25 @@ class StoredDeadLetter:
         return header_map(list(self.headers))  # type: ignore[arg-type]
 
     def split_headers(self) -> tuple[Headers, Headers]:
-        """(original headers, worker headers): the trailing ``cio.*`` run the
-        worker appended is split off, so the original's own headers survive
-        even when they too start with ``cio.``."""
-        cut = len(self.headers)
-        while cut and self.headers[cut - 1][0] in WORKER_HEADERS:
-            cut -= 1
+        """(original headers, worker headers).
+
+        The worker appends one block in a fixed layout: the reason headers in
+        ``REASON_NAMES`` order, then for a chunk the keyless or envelope flag
+        and the four chunk headers. Exactly that block is split off from the
+        end, so the original's own headers survive even when they too start
+        with ``cio.`` (a dead letter produced again, say).
+        """
+        names = [name for name, _ in self.headers]
+        cut = len(names)
+        if names[cut - len(CHUNK_NAMES) : cut] == list(CHUNK_NAMES):
+            cut -= len(CHUNK_NAMES)
+            if cut and names[cut - 1] in (CHUNK_KEYLESS, CHUNK_ENVELOPE):
+                cut -= 1
+        reasons = [HEADER_PREFIX + name for name in REASON_NAMES]
+        if cut >= len(reasons) and names[cut - len(reasons) : cut] == reasons:
+            cut -= len(reasons)
+        else:
+            cut = len(names)  # not the worker's layout: all the record's own
         return list(self.headers[:cut]), list(self.headers[cut:])
 
     def chunk(self) -> Chunk | None:

@@ -611,3 +611,43 @@ def test_build_objects_joins_chunks_and_decodes_whole_records_only() -> None:
     assert line["decoded"] == {"ok": True}
     assert seen == [len(value)]
     assert obj.fragments == 0
+
+
+@pytest.mark.parametrize(
+    "own",
+    [
+        [("trace", b"t"), (CHUNK_INDEX, b"0"), (CHUNK_COUNT, b"2"),
+         (ORIGINAL_SIZE, b"99"), (ORIGINAL_SHA256, b"ab" * 32)],
+        [("cio.reason", b"old"), ("cio.stage", b"api")],
+        [(f"cio.{name}", b"earlier") for name in REASON_NAMES],  # a dead letter
+    ],
+)  # fmt: skip
+def test_original_cio_headers_survive_reading_back(
+    own: list[tuple[str, bytes]],
+) -> None:
+    """A record that already carried ``cio.*`` headers, chunk headers included,
+    keeps them all when its dead letter is read back, and is not taken for a
+    chunk."""
+    records = dead_letter_records(message(b"v", header_list=own), REJECT)
+
+    (rejected,) = assemble(stored(records))
+
+    assert not rejected.fragment
+    assert rejected.headers == own
+    assert rejected.first.reasons()["reason"] == REJECT.reason
+    assert archive_line(rejected, None)["headers"] == [
+        [name, base64.b64encode(value).decode()] for name, value in own
+    ]
+
+
+def test_oversize_record_with_own_chunk_headers_joined_once() -> None:
+    """Chunking a record whose own headers look like chunk headers still joins
+    to the original, with those headers kept."""
+    own = [(CHUNK_INDEX, b"7"), (CHUNK_COUNT, b"9")]
+    value = random.Random(4).randbytes(2_000_000)
+
+    records = dead_letter_records(message(value, header_list=own), REJECT)
+    (rejected,) = assemble(stored(records))
+
+    assert len(records) == 3
+    assert (rejected.value, rejected.headers) == (value, own)
