@@ -53,14 +53,17 @@ class Decoder(Protocol):
     def decode(self, value: bytes | None) -> dict[str, Any]: ...
 
 
-def load_schema(path: Path) -> Schema:
-    """Parse one ``.avsc`` file, or raise ConfigError saying what is wrong."""
+def load_schema(
+    path: Path, setting: str = "CIO_SCHEMAS__PERSON / CIO_SCHEMAS__EVENT"
+) -> Schema:
+    """Parse one ``.avsc`` file, or raise ConfigError saying what is wrong and
+    which ``setting`` names the file."""
     try:
         return fastavro.parse_schema(json.loads(path.read_text()))
     except FileNotFoundError:
         raise ConfigError(
             f"schema file {path} not found (relative paths start from the working "
-            "folder; set CIO_SCHEMAS__PERSON / CIO_SCHEMAS__EVENT)"
+            f"folder; set {setting})"
         ) from None
     except (
         ValueError,
@@ -72,7 +75,7 @@ def load_schema(path: Path) -> Schema:
         # fastavro reports a malformed schema with whatever Python raised on
         # the way (a KeyError for a record without fields, ...).
         raise ConfigError(
-            f"schema file {path} is not a valid Avro schema: "
+            f"schema file {path} ({setting}) is not a valid Avro schema: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
 
@@ -169,12 +172,11 @@ def read_record(
         fast = compiled_reader(writer)
         if fast is not None:
             try:
-                record, end = fast(value, start)
-            except Exception:  # noqa: BLE001 - fastavro reads it and says why
-                pass
-            else:
-                if end == len(value):
-                    return record
+                decoded, end = fast(value, start)
+            except Exception:  # fastavro reads it below and names any problem
+                end = -1
+            if end == len(value):
+                return decoded
     buffer = io.BytesIO(value)
     buffer.seek(start)
     try:
@@ -299,11 +301,11 @@ def _json_error() -> DecodeError:
 # hands the value to fastavro, which decodes it or names the problem as before.
 
 
-class _NotFast(Exception):
+class _NotFastError(Exception):
     """The compiled decoder cannot read this value exactly as fastavro would."""
 
 
-class _Unsupported(Exception):
+class _UnsupportedError(Exception):
     """The schema holds something the compiler leaves to fastavro."""
 
 
@@ -328,7 +330,7 @@ def _long_tail(buf: bytes, pos: int, first: int) -> tuple[int, int]:
         b = buf[pos]
         pos += 1
         if shift == _LAST_SHIFT and b > 1:
-            raise _NotFast  # more than 64 bits
+            raise _NotFastError  # more than 64 bits
         n |= (b & 0x7F) << shift
         if b < 0x80:
             return (n >> 1) ^ -(n & 1), pos
@@ -347,7 +349,7 @@ def compiled_reader(schema: Schema) -> CompiledReader | None:
         return held[1]
     try:
         reader: CompiledReader | None = _Compiler(schema).build()
-    except _Unsupported:
+    except _UnsupportedError:
         reader = None
     _COMPILED[id(schema)] = (schema, reader)
     return reader
@@ -372,12 +374,12 @@ class _Compiler:
     def build(self) -> CompiledReader:
         schema = self._schema
         if not isinstance(schema, dict) or schema.get("type") != "record":
-            raise _Unsupported("not a record")
+            raise _UnsupportedError("not a record")
         self._lines = ["def read(buf, pos):", "    size = len(buf)"]
         self._value(schema, 1, "record")
         self._lines.append("    return record, pos")
         namespace: dict[str, Any] = {
-            "_NotFast": _NotFast,
+            "_NotFastError": _NotFastError,
             "_long_tail": _long_tail,
             "_FLOAT": _FLOAT,
             "_DOUBLE": _DOUBLE,
@@ -405,7 +407,7 @@ class _Compiler:
             else:
                 self._named_type(schema, depth, target)
         elif not isinstance(schema, dict) or "logicalType" in schema:
-            raise _Unsupported(f"type {schema!r}")
+            raise _UnsupportedError(f"type {schema!r}")
         elif schema.get("type") in _PRIMITIVES:
             self._primitive(schema["type"], depth, target)
         elif schema.get("type") == "record":
@@ -417,18 +419,18 @@ class _Compiler:
         elif schema.get("type") == "fixed":
             self._fixed(schema, depth, target)
         else:
-            raise _Unsupported(f"type {schema.get('type')!r}")
+            raise _UnsupportedError(f"type {schema.get('type')!r}")
 
     def _named_type(self, name: str, depth: int, target: str) -> None:
         schema = self._named.get(name)
         if schema is None or name in self._stack:
-            raise _Unsupported(f"named type {name!r} unknown or recursive")
+            raise _UnsupportedError(f"named type {name!r} unknown or recursive")
         self._value(schema, depth, target)
 
     def _record(self, schema: dict[str, Any], depth: int, target: str) -> None:
         name = str(schema.get("name", ""))
         if name in self._stack:
-            raise _Unsupported(f"recursive record {name!r}")
+            raise _UnsupportedError(f"recursive record {name!r}")
         self._stack.append(name)
         fields = []
         for avro_field in schema["fields"]:
@@ -462,16 +464,16 @@ class _Compiler:
             f"{b} = buf[pos]",
             f"if {b} < 0x80:",
             f"    if {b} & 1:",
-            "        raise _NotFast",
-            f"    pos += 1",
+            "        raise _NotFastError",
+            "    pos += 1",
             f"    {e} = pos + ({b} >> 1)",
             "else:",
             f"    {n}, pos = _long_tail(buf, pos + 1, {b})",
             f"    if {n} < 0:",
-            "        raise _NotFast",
+            "        raise _NotFastError",
             f"    {e} = pos + {n}",
             f"if {e} > size:",
-            "    raise _NotFast",
+            "    raise _NotFastError",
             f"{target} = buf[pos:{e}]{text}",
             f"pos = {e}",
         )
@@ -486,7 +488,7 @@ class _Compiler:
                 f"{b} = buf[pos]",
                 "pos += 1",
                 f"if {b} > 1:",
-                "    raise _NotFast",
+                "    raise _NotFastError",
                 f"{target} = {b} == 1",
             )
         elif kind in ("int", "long"):
@@ -501,14 +503,14 @@ class _Compiler:
     def _union(self, branches: list[Any], depth: int, target: str) -> None:
         # The index is a varint: branch i is the single byte 2 * i below 64.
         if len(branches) > 63:
-            raise _Unsupported("union of more than 63 branches")
+            raise _UnsupportedError("union of more than 63 branches")
         index = self._new("b")
         self._emit(depth, f"{index} = buf[pos]", "pos += 1")
         for number, branch in enumerate(branches):
             keyword = "if" if number == 0 else "elif"
             self._emit(depth, f"{keyword} {index} == {2 * number}:")
             self._value(branch, depth + 1, target)
-        self._emit(depth, "else:", "    raise _NotFast")
+        self._emit(depth, "else:", "    raise _NotFastError")
 
     def _block(self, schema: dict[str, Any], depth: int, target: str) -> None:
         is_map = schema["type"] == "map"
@@ -524,7 +526,7 @@ class _Compiler:
             f"if {count} == 0:",
             "    break",
             f"if {count} < 0 or {count} > size - pos:",
-            "    raise _NotFast",
+            "    raise _NotFastError",
             f"for _ in range({count}):",
         )
         item = self._new()
@@ -544,7 +546,7 @@ class _Compiler:
         self._emit(
             depth,
             f"if not 0 <= {index} < {len(schema['symbols'])}:",
-            "    raise _NotFast",
+            "    raise _NotFastError",
             f"{target} = {symbols}[{index}]",
         )
 
@@ -554,7 +556,7 @@ class _Compiler:
             depth,
             f"{end} = pos + {int(schema['size'])}",
             f"if {end} > size:",
-            "    raise _NotFast",
+            "    raise _NotFastError",
             f"{target} = buf[pos:{end}]",
             f"pos = {end}",
         )

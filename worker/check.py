@@ -141,14 +141,22 @@ def _region_result(url: str, configured: str, answer: dict[str, Any]) -> CheckRe
 
 
 def check_schemas(settings: Settings) -> CheckResult:
-    """Both Avro schema files exist and parse."""
-    paths = [settings.schemas.person, settings.schemas.event]
+    """Both Avro schema files, and the writer schemas if set, exist and parse."""
+    schemas = settings.schemas
+    named = {
+        "CIO_SCHEMAS__PERSON": schemas.person,
+        "CIO_SCHEMAS__EVENT": schemas.event,
+        "CIO_SCHEMAS__PERSON_WRITER": schemas.person_writer,
+        "CIO_SCHEMAS__EVENT_WRITER": schemas.event_writer,
+    }
+    paths = {setting: path for setting, path in named.items() if path is not None}
     try:
-        for path in paths:
-            load_schema(path)
+        for setting, path in paths.items():
+            load_schema(path, setting)
     except ConfigError as exc:
         return CheckResult("schemas", FAIL, str(exc))
-    return CheckResult("schemas", OK, f"{paths[0]} and {paths[1]} parse")
+    listed = ", ".join(str(path) for path in paths.values())
+    return CheckResult("schemas", OK, f"{listed} parse")
 
 
 def check_records(settings: Settings) -> CheckResult:
@@ -189,8 +197,9 @@ def check_records(settings: Settings) -> CheckResult:
             reason, _ = refused.most_common(1)[0]
             lines.append(
                 f"{topic}: none of the {len(items)} newest records decode "
-                f"({reason}); the schema setting for this topic (CIO_SCHEMAS__"
-                "PERSON, CIO_SCHEMAS__EVENT, *_FORMAT) is not what producers use"
+                f"({reason}); the schema settings for this topic (CIO_SCHEMAS__"
+                "PERSON or __EVENT, *_WRITER, *_FORMAT) do not match what "
+                "producers write"
             )
         elif refused:
             listed = ", ".join(f"{n} {r}" for r, n in refused.most_common(3))

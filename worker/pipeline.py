@@ -17,8 +17,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
+from fastavro.utils import generate_many
 
-from worker.avro import AvroDecoder, Decoder, FramedDecoder, load_schema
+from worker.avro import (
+    AvroDecoder,
+    Decoder,
+    FramedDecoder,
+    encode,
+    load_schema,
+    read_record,
+)
 from worker.batcher import Item
 from worker.errors import ConfigError, DecodeError, InvalidRecordError
 from worker.limits import checked_entry
@@ -153,7 +161,7 @@ def _route(
     identity: TopicMapping,
     tombstones: TombstonePolicy = "ignore",
 ) -> TopicRoute:
-    schema = load_schema(path)
+    schema = load_schema(path, f"CIO_SCHEMAS__{kind.name}")
     if not isinstance(schema, dict) or schema.get("type") != "record":
         raise ConfigError(f"the {kind.value} schema {path} must be an Avro record")
     writer = _writer_schema(kind, writer_path, schema)
@@ -181,8 +189,8 @@ def _writer_schema(kind: Kind, path: Path | None, reader: Any) -> Any:
     (``schema_mismatch``), and ``cio-worker check`` tries it on real records."""
     if path is None:
         return None
-    writer = load_schema(path)
     setting = f"CIO_SCHEMAS__{kind.name}_WRITER"
+    writer = load_schema(path, setting)
     if not isinstance(writer, dict) or writer.get("type") != "record":
         raise ConfigError(f"the {kind.value} writer schema {path} ({setting}) "
                           "must be an Avro record")  # fmt: skip
@@ -193,7 +201,48 @@ def _writer_schema(kind: Kind, path: Path | None, reader: Any) -> Any:
             f"{reader.get('name')}: Avro resolves a record only to one of the "
             "same full name"
         )
+    failed, problem = _resolution_failures(writer, reader)
+    if failed == RESOLUTION_SAMPLES:
+        raise ConfigError(
+            f"records written with the {kind.value} writer schema {path} "
+            f"({setting}) cannot be read as the {kind.value} schema: {problem}"
+        )
+    if failed:
+        log.warning(
+            "writer_schema_partly_readable",
+            schema=str(path),
+            failed=failed,
+            of=RESOLUTION_SAMPLES,
+            example=problem,
+        )
     return writer
+
+
+RESOLUTION_SAMPLES = 50
+
+
+def _resolution_failures(writer: Any, reader: Any) -> tuple[int, str]:
+    """How many of RESOLUTION_SAMPLES records generated from ``writer`` cannot
+    be resolved to ``reader``, and the first reason.
+
+    Avro resolution fails on the values that do not fit. A field the reader
+    needs without a default, or of a type that cannot be promoted, fails every
+    record: that stops start-up instead of dead-lettering the whole topic. A
+    union branch or enum symbol the reader lacks fails only the records that
+    use it, which may be none in practice: a warning.
+    """
+    failed, problem = 0, ""
+    try:
+        records = list(generate_many(writer, RESOLUTION_SAMPLES))
+    except Exception:  # a schema fastavro can parse but not generate for
+        return 0, ""  # (e.g. a record that must contain itself): no verdict
+    for record in records:
+        try:
+            read_record(encode(writer, record), 0, writer, reader)
+        except DecodeError as exc:
+            failed += 1
+            problem = problem or exc.message
+    return failed, problem
 
 
 def _registry(settings: Settings) -> SchemaRegistry | None:

@@ -483,8 +483,13 @@ def test_build_routes_plain_writer_schema_resolved_to_reader(
         ({**OLD_PERSON, "name": "Customer"}, "avro", "same full name"),
         (OLD_PERSON, "confluent", "unset CIO_SCHEMAS__PERSON_WRITER"),
         ({"type": "string"}, "avro", "must be an Avro record"),
+        ({**OLD_PERSON, "fields": OLD_PERSON["fields"][1:]}, "avro",
+         "cannot be read as the person schema"),  # no person_email
+        ({**OLD_PERSON, "fields": [OLD_PERSON["fields"][0],
+                                   {"name": "plan", "type": "long"}]}, "auto",
+         "cannot be read as the person schema"),  # long is not null|string
     ],
-)
+)  # fmt: skip
 def test_build_routes_unusable_writer_schema_refused(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
@@ -502,3 +507,22 @@ def test_build_routes_unusable_writer_schema_refused(
         )
 
     assert expected in str(caught.value)
+
+
+def test_build_routes_writer_schema_with_an_extra_union_branch_accepted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A writer whose values fit the reader only in part (a union branch the
+    reader lacks) is accepted with a warning: records on the shared branch
+    decode, the others are dead-lettered one by one."""
+    plan = {"name": "plan", "type": ["null", "string", "long"]}
+    writer = {**OLD_PERSON, "fields": [OLD_PERSON["fields"][0], plan]}
+
+    with capture_logs() as logs:
+        routes = routes_from(
+            monkeypatch, CIO_SCHEMAS__PERSON_WRITER=write_schema(tmp_path, writer)
+        )
+    value = encode(parse_schema(writer), {"person_email": "a@x.io", "plan": "pro"})
+
+    assert routes["persons"].decoder.decode(value)["plan"] == "pro"
+    assert [e["event"] for e in logs] == ["writer_schema_partly_readable"]
