@@ -29,6 +29,7 @@ from pydantic_settings import (
 )
 
 from worker.errors import ConfigError
+from worker.logs import KAFKA_LOGGER
 
 DEFAULT_CONFIG_PATH = Path("config/worker.toml")
 REGION_URLS = {"us": "https://track.customer.io", "eu": "https://track-eu.customer.io"}
@@ -634,6 +635,7 @@ def kafka_client_config(
     config: dict[str, Any] = {
         "bootstrap.servers": kafka.bootstrap_servers,
         "client.id": f"cio-worker-{role}",
+        "logger": KAFKA_LOGGER,  # the client's log lines as structured events
     }
     config.update(kafka.properties)
     if role == "consumer":
