@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
+import os
 import shlex
 import signal
 import sys
@@ -93,6 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: 200,20; quick: 200)",
     )
     parser.add_argument("--broker-port", type=int, default=BENCH_BROKER_PORT)
+    parser.add_argument(
+        "--worker-kafka-properties",
+        help="extra librdkafka properties for every worker run, as JSON (the "
+        "worker's CIO_KAFKA__PROPERTIES), e.g. '{\"max.partition.fetch.bytes\": "
+        "\"262144\"}'; default: the worker's own settings",
+    )
     parser.add_argument("--keep-broker-data", action="store_true")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -124,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the broker and the servers are stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()
+    if args.worker_kafka_properties:
+        # Every worker phase copies this process's environment (worker_env).
+        json.loads(args.worker_kafka_properties)  # fail early on bad JSON
+        os.environ["CIO_KAFKA__PROPERTIES"] = args.worker_kafka_properties
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
     sizes = data.entry_sizes()
@@ -131,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "generated_at": datetime.datetime.now(datetime.UTC).isoformat(),
         "command": "python -m bench.run " + shlex.join(argv or sys.argv[1:]),
         "records": args.records,
+        "worker_kafka_properties": args.worker_kafka_properties or None,
         "machine": machine(),
         "data": _data_description(sizes),
         "phases": {},

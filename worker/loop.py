@@ -427,13 +427,17 @@ class Worker:
 
     def _dedupe(self, item: Item, state_partition: int) -> None:
         """Decide from the state whether the item's entry must be sent."""
+        # The entry's dict, carried from the mapping (parsed again only for an
+        # item built without it); dropped here, so buffered items hold bytes.
+        entry, item.data = item.data, None
         if item.entry is None:
             return
         state = self._states.get(state_partition)
         if state is None:
             return
         item.state_partition = state_partition
-        entry = json.loads(item.entry)
+        if entry is None:
+            entry = json.loads(item.entry)
         action = entry.get("action")
         if action == "identify" and "identifiers" in entry:
             decision = state.decide_person(

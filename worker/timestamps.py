@@ -53,6 +53,8 @@ def to_seconds(value: Any, field: str, unit: Unit = "seconds") -> int:
     counts. Reasons: ``invalid_timestamp``, ``timestamp_too_small``,
     ``timestamp_too_large``.
     """
+    if type(value) is int and unit == "seconds" and MIN_SECONDS <= value <= MAX_SECONDS:
+        return value  # the common case, decided without the general reading
     seconds = _read_seconds(value, field, unit)
     if seconds < MIN_SECONDS:
         raise ValidationError(

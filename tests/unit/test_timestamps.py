@@ -122,3 +122,29 @@ def test_to_seconds_long_text_is_shortened_in_message() -> None:
         to_seconds("x" * 5000, "timestamp")
 
     assert len(caught.value.message) < 300
+
+
+@pytest.mark.parametrize("unit", ["seconds", "milliseconds"])
+@pytest.mark.parametrize(
+    "value",
+    [MIN_SECONDS - 1, MIN_SECONDS, T, MAX_SECONDS, MAX_SECONDS + 1, 0, -T, True,
+     MIN_SECONDS * 1000, MAX_SECONDS * 1000 + 999, float(T), str(T)],
+)  # fmt: skip
+def test_to_seconds_integers_in_range_take_the_short_path_to_the_same_answer(
+    value: Any, unit: Unit
+) -> None:
+    """The short path for plain in-range integers answers as the general rule."""
+    from worker.timestamps import _read_seconds
+
+    try:
+        seconds = _read_seconds(value, "t", unit)
+        expected: Any = seconds if MIN_SECONDS <= seconds <= MAX_SECONDS else "error"
+    except ValidationError:
+        expected = "error"
+    try:
+        actual: Any = to_seconds(value, "t", unit)
+    except ValidationError:
+        actual = "error"
+
+    assert actual == expected
+    assert type(actual) is type(expected)
