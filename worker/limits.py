@@ -214,9 +214,13 @@ def _short(name: str) -> str:
     return name if len(name) <= 60 else name[:57] + "..."
 
 
+# allow_nan: a NaN is measured and reported with the other problems instead of
+# stopping the check at the first. Built once: json.dumps builds an encoder on
+# every call with arguments like these.
+_ENCODE = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=True
+).encode
+
+
 def _dumps(value: Any) -> bytes:
-    # allow_nan: a NaN is measured and reported with the other problems
-    # instead of stopping the check at the first.
-    return json.dumps(
-        value, separators=(",", ":"), ensure_ascii=False, allow_nan=True
-    ).encode()
+    return _ENCODE(value).encode()

@@ -59,6 +59,8 @@ EVENT_MAP_FIELD = "data"
 TIMESTAMP_MARKER = "cio.timestamp"
 FLATTEN_SEPARATOR = "."
 
+# Types to_json returns unchanged, checked by exact type (not a subclass).
+_SCALARS = frozenset({str, int, float, bool})
 _UUID_TEXT = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE
 )
@@ -312,8 +314,13 @@ def _attributes(
     values: dict[str, Any] = {}
     extra = record.get(map_field)
     if isinstance(extra, dict):
+        identifier = mapping.identifier_field
         for key, value in extra.items():
-            if value is not None and key != mapping.identifier_field:
+            if value is None or key == identifier:
+                continue
+            if type(value) in _SCALARS:  # most values: to_json keeps them as is
+                values[key] = value
+            else:
                 values[key] = to_json(value, f"{map_field}.{key}")
     _flatten(record, mapping.shape, "", skip | {map_field}, values)
     return values
@@ -326,15 +333,18 @@ def _flatten(
     skip: set[str],
     out: dict[str, Any],
 ) -> None:
+    nested_shapes, stamps = shape.nested, shape.timestamps
     for key, value in record.items():
         if value is None or key in skip:
             continue
         name = prefix + key
-        nested = shape.nested.get(key)
+        nested = nested_shapes.get(key) if nested_shapes else None
         if nested is not None and isinstance(value, dict):
             _flatten(value, nested, name + FLATTEN_SEPARATOR, set(), out)
-        elif key in shape.timestamps:
-            out[name] = to_seconds(value, name, shape.timestamps[key])
+        elif key in stamps:
+            out[name] = to_seconds(value, name, stamps[key])
+        elif type(value) in _SCALARS:  # most values: to_json keeps them as is
+            out[name] = value
         else:
             out[name] = to_json(value, name)
 

@@ -422,6 +422,24 @@ def test_kafka_client_config_roles_differ() -> None:
     assert "enable.idempotence" not in consumer
 
 
+@pytest.mark.usefixtures("no_default_file")
+def test_kafka_client_config_consumer_prefetch_bounded_and_overridable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The consumer reads ahead a bounded amount by default; a passed-through
+    property changes it, and the producer does not get these keys."""
+    monkeypatch.setenv("CIO_KAFKA__PROPERTIES", '{"fetch.max.bytes": "52428800"}')
+    settings = load_settings()
+
+    consumer = kafka_client_config(settings, "consumer")
+    producer = kafka_client_config(settings, "producer")
+
+    assert consumer["max.partition.fetch.bytes"] == 262144
+    assert consumer["queued.max.messages.kbytes"] == 16384
+    assert consumer["fetch.max.bytes"] == "52428800"
+    assert "max.partition.fetch.bytes" not in producer
+
+
 def test_settings_frozen_assignment_refused(tmp_path: Path) -> None:
     """Settings cannot be changed after they are built."""
     settings = load_settings(write(tmp_path, ""))
