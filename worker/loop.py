@@ -40,6 +40,7 @@ from confluent_kafka.admin import AdminClient
 
 from worker.batcher import Batch, BatchLimits, Item, PartitionBuffer
 from worker.committer import (
+    TRANSACTION_TIMEOUT_S,
     Committer,
     DeadLetter,
     TransactionAbortedError,
@@ -193,7 +194,10 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------
 
     def request_stop(self, *_: Any) -> None:
-        """Ask the loop to stop; safe from a signal handler."""
+        """Ask the loop to stop; safe from a signal handler. The shutdown's
+        deadline starts now, so a commit blocked at this moment ends by it too."""
+        if self._deadline is None:
+            self._deadline = self._clock() + self.settings.track.shutdown_timeout_s
         self._stop_requested.set()
 
     def install_signal_handlers(self) -> None:
@@ -249,6 +253,8 @@ class Worker:
             lambda: Producer(producer_config),
             kafka.dead_letter_topic,
             settings.state_topic,
+            deadline=self._commit_deadline,
+            clock=self._clock,
         )
         self._committer.start()
         self._consumer = consumer
@@ -266,6 +272,14 @@ class Worker:
         self._end = {tp: end for tp, (_, end) in self._ranges.offsets.items()}
         self._on_assign(consumer, starts)
         consumer.assign(starts)
+
+    def _commit_deadline(self) -> float | None:
+        """When a commit must stop waiting on the broker: none while running;
+        once stopping, the shutdown's deadline plus one last commit's timeout
+        (batches in flight may use the whole shutdown_timeout_s)."""
+        if self._deadline is None:
+            return None
+        return self._deadline + TRANSACTION_TIMEOUT_S
 
     def _transactional_id(self) -> str:
         """A stable id when the replica has a stable identity, else a unique one.
@@ -311,8 +325,9 @@ class Worker:
     def _shutdown(self) -> None:
         """Settle what is in flight within the deadline, commit it, close."""
         log.info("worker_stopping", in_flight=len(self._in_flight))
-        deadline = self._clock() + self.settings.track.shutdown_timeout_s
-        self._deadline = deadline
+        if self._deadline is None:  # caught up, or failed: no stop was asked
+            self._deadline = self._clock() + self.settings.track.shutdown_timeout_s
+        deadline = self._deadline
         try:
             while self._in_flight and self._clock() < deadline:
                 self._settle_done(wait_s=0.1)
@@ -812,6 +827,10 @@ class Worker:
             self._paused.discard(tp)
             self._eof.pop(tp, None)
             self._end.pop(tp, None)
+            # Delivered but not committed: whoever owns the partition next (this
+            # worker too, if it comes back) reads those records again.
+            self._unsettled_offsets.pop(tp, None)
+            self._unsettled_letters.pop(tp, None)
         for p, users in list(self._state_users.items()):
             users -= partitions
             if not users:

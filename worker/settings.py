@@ -633,6 +633,10 @@ CONSUMER_PREFETCH: dict[str, Any] = {
     "queued.min.messages": 2000,
     "max.partition.fetch.bytes": 262144,
     "fetch.max.bytes": 4194304,
+    # Ask for the group coordinator every 10 s (every 1 s while it is down)
+    # instead of every 10 minutes, so a consumer whose coordinator moved or
+    # restarted finds it again promptly and rejoins the group.
+    "coordinator.query.interval.ms": 10000,
 }
 
 

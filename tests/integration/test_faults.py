@@ -10,6 +10,7 @@ counts and the longest pause between two accepted entries.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,15 +31,22 @@ from ulid import ULID
 from tests.integration.conftest import API_KEY, ROOT, SITE_ID
 from tests.integration.kafka_tools import read_all
 from worker.avro import encode, load_schema
+from worker.committer import TRANSACTION_TIMEOUT_S
 from worker.sandbox.broker import LocalBroker, default_home
 from worker.sandbox.sample import create_topics
 from worker.sandbox.simulator import Fault, TrackSimulator
+from worker.settings import TrackSettings
 
 pytestmark = pytest.mark.integration
 
 # Worker logs of the fault runs, kept for a person to read after a failure.
 LOG_DIR = ROOT / ".cache" / "test-logs" / "faults"
 LOGS: dict[int, Path] = {}
+# The broker-restart scenarios run a broker of their own on this port.
+RESTART_BROKER_PORT = 19392
+# SIGTERM to exit: the default shutdown_timeout_s, one last commit's timeout,
+# then closing the clients.
+SHUTDOWN_BOUND_S = TrackSettings().shutdown_timeout_s + TRANSACTION_TIMEOUT_S + 10
 
 PERSON_SCHEMA = load_schema(ROOT / "schemas" / "person.avsc")
 EVENT_SCHEMA = load_schema(ROOT / "schemas" / "person_event.avsc")
@@ -294,38 +303,92 @@ def test_faults_partition_revoked_mid_batch_is_not_sent_twice_by_new_owner(
     assert '"partitions_revoked"' in stderrs[0]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known intermittent defect: after a broker restart that makes the "
-    "group lose its partitions, the worker was once seen stuck with its "
-    "partitions reassigned but not consuming, and slow to stop on SIGTERM; "
-    "under investigation (a resume on assignment was added)",
-)
-def test_faults_broker_restart_pauses_and_resumes(simulator: TrackSimulator) -> None:
-    """The broker stopping and starting again mid-run loses nothing."""
-    broker = LocalBroker(default_home() if "CIO_SANDBOX_HOME" in os.environ
-                         else ROOT / ".cache" / "kafka", 19392)  # fmt: skip
+@contextlib.contextmanager
+def _own_broker() -> Iterator[LocalBroker]:
+    """A broker of the test's own, which it may stop and start."""
+    home = (
+        default_home()
+        if "CIO_SANDBOX_HOME" in os.environ
+        else ROOT / ".cache" / "kafka"
+    )
+    broker = LocalBroker(home, RESTART_BROKER_PORT)
     broker.stop()
     broker.wipe()
     broker.start()
     try:
+        yield broker
+    finally:
+        broker.stop()
+        broker.wipe()
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="known intermittent defect (1 run in 24 after the producer fix): the "
+    "group loses its partitions in the outage and the consumer is once seen "
+    "never to get them back (no assignment in 120 s); cause unproven",
+)
+@pytest.mark.parametrize("outage_s", [5, 30])
+def test_faults_broker_restart_pauses_and_resumes(
+    simulator: TrackSimulator, outage_s: int
+) -> None:
+    """The broker stopping and starting again mid-run loses nothing. The group
+    loses its partitions (the session times out) and takes them back; the
+    transaction open at the stop fails, and a transactional producer the
+    restart left unable to go on (stuck in send_offsets_to_transaction, aborts
+    that never reach the coordinator, sequence numbers out of order) is
+    replaced. Delivery resumes, and SIGTERM stops the worker promptly."""
+    with _own_broker() as broker:
         run = _prepare(broker.bootstrap_servers, simulator, people=800, events=3200)
         simulator.inject([Fault(200, count=10_000, delay_s=0.1)])
         worker = run.start()
         _wait_requests(simulator, 5)
 
         broker.stop()
-        time.sleep(5)
+        time.sleep(outage_s)
         broker.start()
-        _wait_all_delivered(run, simulator, timeout_s=150)
+        _wait_all_delivered(run, simulator, timeout_s=120)
         worker.send_signal(signal.SIGTERM)
-        _finish(worker, timeout_s=90)
+        _finish(worker, timeout_s=SHUTDOWN_BOUND_S)
 
-        result = _account(run, simulator, "broker_restart")
+        result = _account(run, simulator, f"broker_restart_{outage_s}s")
         _assert_nothing_lost(result)
-    finally:
+
+
+def test_faults_sigterm_during_broker_outage_stops_by_the_deadline(
+    simulator: TrackSimulator,
+) -> None:
+    """SIGTERM while the broker is away and a commit is blocked on it: the
+    worker exits 0 within shutdown_timeout_s plus one last commit's timeout,
+    and a worker started once the broker is back delivers everything."""
+    shutdown_s = 5.0
+    with _own_broker() as broker:
+        run = _prepare(
+            broker.bootstrap_servers, simulator, people=800, events=3200,
+            CIO_TRACK__SHUTDOWN_TIMEOUT_S=str(shutdown_s),
+        )  # fmt: skip
+        simulator.inject([Fault(200, count=10_000, delay_s=0.1)])
+        worker = run.start()
+        _wait_requests(simulator, 5)
+
         broker.stop()
-        broker.wipe()
+        time.sleep(2)
+        stopping = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        _finish(worker, timeout_s=60)
+        stop_s = time.monotonic() - stopping
+        print(json.dumps({"scenario": "sigterm_during_broker_outage",
+                          "seconds_to_stop": round(stop_s, 1)}))  # fmt: skip
+        broker.start()
+        second = run.start()
+        _wait_all_delivered(run, simulator, timeout_s=120)
+        second.send_signal(signal.SIGTERM)
+        _finish(second, timeout_s=SHUTDOWN_BOUND_S)
+
+        result = _account(run, simulator, "sigterm_during_broker_outage")
+        _assert_nothing_lost(result)
+        # The deadline, one last commit's timeout, then closing the clients.
+        assert stop_s < shutdown_s + TRANSACTION_TIMEOUT_S + 5, stop_s
 
 
 def test_faults_three_workers_one_killed_one_added_lose_nothing(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
+from worker import committer as committer_module
 from worker.committer import (
     Committer,
     DeadLetter,
@@ -165,5 +168,140 @@ def test_commit_fenced_stops_the_worker() -> None:
 
     with pytest.raises(TransactionError, match="fenced") as caught:
         _commit(committer)
+
+    assert not isinstance(caught.value, TransactionAbortedError)
+
+
+# -- producer calls that do not return ------------------------------------------
+
+
+class HangingProducer(FakeProducer):
+    """A producer whose send_offsets or abort blocks until released, as
+    librdkafka's do after some broker restarts."""
+
+    def __init__(self, hang_on: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hang_on = hang_on
+        self.release = threading.Event()
+
+    def send_offsets_to_transaction(
+        self, offsets: Any, metadata: Any, timeout: float
+    ) -> None:
+        self._call("offsets")
+        if self.hang_on == "offsets":
+            self.release.wait()
+
+    def abort_transaction(self, timeout: float) -> None:
+        self._call("abort")
+        if self.hang_on == "abort":
+            self.release.wait()
+
+
+def test_commit_stuck_call_gives_the_producer_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call that outlives its timeout is abandoned within the bound, and a
+    new producer with the same transactional id commits next time."""
+    monkeypatch.setattr(committer_module, "TRANSACTION_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(committer_module, "CALL_GRACE_S", 0.2)
+    first, second = HangingProducer("offsets"), FakeProducer()
+    subject = _committer(first, second)
+    started = time.monotonic()
+
+    with pytest.raises(TransactionAbortedError, match="did not return"):
+        _commit(subject)
+    waited = time.monotonic() - started
+    _commit(subject)
+
+    assert waited < 1.5
+    assert second.calls == ["init", "begin", "offsets", "commit"]
+    first.release.set()
+
+
+def test_commit_shutdown_deadline_cuts_a_stuck_call() -> None:
+    """Once the worker is stopping, a stuck call ends at the deadline, and no
+    new transaction starts after it."""
+    stop: dict[str, float | None] = {"at": None}
+    first, second = HangingProducer("offsets"), FakeProducer()
+    queue = [first, second]
+    subject = Committer(
+        lambda: queue.pop(0), "dead", "state", deadline=lambda: stop["at"]
+    )
+    subject.start()
+    threading.Timer(0.3, lambda: stop.update(at=time.monotonic() + 0.2)).start()
+    started = time.monotonic()
+
+    with pytest.raises(TransactionAbortedError):
+        _commit(subject)
+    waited = time.monotonic() - started
+    with pytest.raises(TransactionAbortedError, match="deadline"):
+        _commit(subject)
+
+    assert waited < 1.5
+    subject.close()
+    first.release.set()
+
+
+def test_commit_inconsistent_transaction_replaces_producer_without_abort() -> None:
+    """Messages that timed out during an outage leave the producer's sequence
+    numbers unusable: a new producer takes over instead of an abort."""
+    error = KafkaError(
+        KafkaError._INCONSISTENT, "400 message(s) failed", txn_requires_abort=True
+    )
+    first, second = FakeProducer({"commit": [error]}), FakeProducer()
+    subject = _committer(first, second)
+
+    with pytest.raises(TransactionAbortedError):
+        _commit(subject)
+    _commit(subject)
+
+    assert first.calls == ["init", "begin", "offsets", "commit"]
+    assert second.calls == ["init", "begin", "offsets", "commit"]
+
+
+def test_commit_two_failed_aborts_replace_the_producer() -> None:
+    """An abort that keeps timing out is not retried forever."""
+    commit_error = KafkaError(KafkaError._TRANSPORT, "down", txn_requires_abort=True)
+    timed_out = KafkaError(KafkaError._TIMED_OUT, "down", retriable=True)
+    first = FakeProducer({"commit": [commit_error], "abort": [timed_out, timed_out]})
+    second = FakeProducer()
+    subject = _committer(first, second)
+
+    with pytest.raises(TransactionAbortedError):
+        _commit(subject)
+    _commit(subject)
+
+    assert first.calls[-2:] == ["abort", "abort"]
+    assert second.calls == ["init", "begin", "offsets", "commit"]
+
+
+def test_commit_new_producer_init_timing_out_is_retried() -> None:
+    """A replacement producer whose init times out (the broker still away) is
+    initialised again on the next commit."""
+    fatal = KafkaError(KafkaError.INVALID_TXN_STATE, "lost", fatal=True)
+    timed_out = KafkaError(KafkaError._TIMED_OUT, "down", retriable=True)
+    first, second = (
+        FakeProducer({"commit": [fatal]}),
+        FakeProducer({"init": [timed_out]}),
+    )
+    subject = _committer(first, second)
+
+    with pytest.raises(TransactionAbortedError):
+        _commit(subject)
+    with pytest.raises(TransactionAbortedError, match="not ready"):
+        _commit(subject)
+    _commit(subject)
+
+    assert second.calls == ["init", "init", "begin", "offsets", "commit"]
+
+
+def test_commit_fenced_during_abort_stops_the_worker() -> None:
+    """Fencing seen while aborting means another worker took over: stop."""
+    commit_error = KafkaError(KafkaError._TRANSPORT, "down", txn_requires_abort=True)
+    fenced = KafkaError(KafkaError.PRODUCER_FENCED, "fenced", fatal=True)
+    subject = _committer(FakeProducer({"commit": [commit_error], "abort": [fenced]}))
+
+    with pytest.raises(TransactionError, match="fenced") as caught:
+        _commit(subject)
 
     assert not isinstance(caught.value, TransactionAbortedError)
