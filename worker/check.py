@@ -203,6 +203,8 @@ def check_records(settings: Settings) -> CheckResult:
             )
         elif refused:
             listed = ", ".join(f"{n} {r}" for r, n in refused.most_common(3))
+            if len(refused) > 3:
+                listed += f" and {len(refused) - 3} more reasons"
             lines.append(
                 f"{topic}: {len(items) - refused.total()} of the {len(items)} "
                 f"newest records map; refused: {listed}"

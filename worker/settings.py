@@ -553,10 +553,18 @@ def load_settings(path: Path | None = None) -> Settings:
         ) from None
     except PydanticValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-            for err in exc.errors()
+            f"{_setting_name(err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from None
+
+
+def _setting_name(loc: tuple[Any, ...]) -> str:
+    """``section.key``, and the environment variable when it set the value."""
+    dotted = ".".join(str(part) for part in loc)
+    variable = "CIO_" + "__".join(str(part) for part in loc[:2]).upper()
+    if variable in {name.upper() for name in os.environ}:
+        return f"{dotted} ({variable})"
+    return dotted
 
 
 def _env_problem(error: SettingsError) -> str:

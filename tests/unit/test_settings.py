@@ -175,13 +175,13 @@ def test_load_settings_invalid_value_names_setting(
 def test_load_settings_invalid_environment_value_names_setting(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """An invalid value from the environment is reported like one from a file."""
+    """An invalid value from the environment names the setting and the variable."""
     monkeypatch.setenv("CIO_BATCH__MAX_ENTRIES", "0")
 
     with pytest.raises(ConfigError) as caught:
         load_settings()
 
-    assert "batch.max_entries" in str(caught.value)
+    assert "batch.max_entries (CIO_BATCH__MAX_ENTRIES)" in str(caught.value)
 
 
 @pytest.mark.usefixtures("no_default_file")
