@@ -5,7 +5,10 @@ and its clock. Each flush of a dead-letter partition covers a contiguous range
 of its offsets, ``first..last``, and writes one object per source topic and
 day found in it::
 
-    {prefix}/{source_topic}/dt={YYYY-MM-DD}/part-{partition:04d}-{first:020d}-{last:020d}.jsonl.gz
+    {prefix}/{source_topic}/dt={YYYY-MM-DD}/
+        part-{partition:04d}-{first:020d}-{last:020d}.jsonl.gz
+
+(one key, cut here to fit the page).
 
 The day is the UTC date of the dead letter's Kafka timestamp (``unknown`` when
 it has none); characters outside ``[A-Za-z0-9._-]`` in a source topic become

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.s3_server import archive_env, s3_bucket, s3_endpoint  # noqa: F401
+from tests.integration.s3_server import (  # noqa: F401 (fixtures, used by name)
+    archive_env,
+    s3_bucket,
+    s3_endpoint,
+)
 from worker.sandbox.broker import LocalBroker, default_home
 from worker.sandbox.sample import create_topics
 from worker.sandbox.simulator import TrackSimulator

@@ -70,7 +70,8 @@ class MotoServer:
             if self._process.poll() is not None:
                 raise RuntimeError(f"moto server exited ({self._process.returncode})")
             try:
-                with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1):  # noqa: S310
+                url = f"{self.url}/moto-api/"  # loopback http only
+                with urllib.request.urlopen(url, timeout=1):  # noqa: S310
                     return self
             except (urllib.error.URLError, OSError):
                 time.sleep(0.1)

@@ -73,7 +73,8 @@ class RunningWorker:
 
     def get(self, path: str) -> tuple[int, bytes]:
         try:
-            with urllib.request.urlopen(self.url + path, timeout=5) as response:  # noqa: S310
+            url = self.url + path  # loopback http only
+            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
                 return response.status, response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
