@@ -14,14 +14,13 @@ event's data is limited only in total, as Customer.io documents.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from worker.errors import ValidationError
+from worker.jsontext import compact, compact_flagged, non_finite
 
 MAX_ENTRY_BYTES = 32_000
 MAX_IDENTIFIER_BYTES = 150
@@ -68,10 +67,14 @@ class LimitsError(ValidationError):
 
 def checked_entry(entry: dict[str, Any]) -> bytes:
     """Serialize an entry as sent, or raise LimitsError naming every broken limit."""
-    data = _dumps(entry)
+    data, flagged = compact_flagged(entry)
     problems = list(_entry_problems(entry, len(data)))
-    if b"NaN" in data or b"Infinity" in data:  # cheap test, exact scan below
-        problems.extend(_not_finite(entry.get("attributes"), "attributes"))
+    if flagged:  # cheap test, exact look below
+        problems.extend(
+            Problem("not_finite", path, f"{value} is not a number JSON can carry")
+            for key, item in entry.items()
+            for path, value in non_finite(item, key)
+        )
     if len(data) > MAX_ENTRY_BYTES:
         problems.append(
             Problem(
@@ -99,17 +102,15 @@ def utf8_size(value: Any) -> int:
     """Bytes of a value: UTF-8 of a string, compact JSON of anything else."""
     if isinstance(value, str):
         return len(value.encode())
-    # Short cuts that equal json.dumps for the common scalars, which are most
-    # attribute values; everything else is measured by dumping it.
+    # Short cuts that equal the written JSON for the common scalars, which are
+    # most attribute values; everything else is measured by writing it.
     if value is None or value is True:
         return 4
     if value is False:
         return 5
     if type(value) is int:
         return len(str(value))
-    if type(value) is float and math.isfinite(value):
-        return len(repr(value))
-    return len(_dumps(value))
+    return len(compact(value))
 
 
 def _entry_problems(entry: dict[str, Any], entry_size: int) -> Iterator[Problem]:
@@ -146,7 +147,7 @@ def _event_problems(
     # The data's JSON is part of the entry's, so it can only be over its limit
     # when the entry is: measuring it costs one more dump only then.
     if entry_size > MAX_EVENT_DATA_BYTES:
-        size = len(_dumps(data))
+        size = len(compact(data))
         if size > MAX_EVENT_DATA_BYTES:
             yield Problem(
                 "event_data_too_large",
@@ -184,7 +185,7 @@ def _attribute_problems(
                 MAX_ATTRIBUTE_VALUE_BYTES,
             )
     if entry_size > MAX_ATTRIBUTES_BYTES:
-        size = len(_dumps(attributes))
+        size = len(compact(attributes))
         if size > MAX_ATTRIBUTES_BYTES:
             yield Problem(
                 "attributes_too_large",
@@ -199,28 +200,5 @@ def _too_long(reason: str, field: str, value: Any, limit: int) -> Iterator[Probl
         yield Problem(reason, field, f"{size:,} bytes, at most {limit:,}")
 
 
-def _not_finite(value: Any, path: str) -> Iterator[Problem]:
-    if isinstance(value, float) and not math.isfinite(value):
-        yield Problem("not_finite", path, f"{value} is not a number JSON can carry")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _not_finite(item, f"{path}.{_short(key)}")
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _not_finite(item, f"{path}[{index}]")
-
-
 def _short(name: str) -> str:
     return name if len(name) <= 60 else name[:57] + "..."
-
-
-# allow_nan: a NaN is measured and reported with the other problems instead of
-# stopping the check at the first. Built once: json.dumps builds an encoder on
-# every call with arguments like these.
-_ENCODE = json.JSONEncoder(
-    separators=(",", ":"), ensure_ascii=False, allow_nan=True
-).encode
-
-
-def _dumps(value: Any) -> bytes:
-    return _ENCODE(value).encode()

@@ -42,6 +42,7 @@ from uuid import UUID
 from ulid import ULID
 
 from worker.errors import ConfigError, ValidationError
+from worker.jsontext import compact_flagged, non_finite
 from worker.timestamps import UNITS, Unit, datetime_to_seconds, to_seconds
 from worker.ulids import ulid_text
 
@@ -198,14 +199,14 @@ def derive_event_id(coordinates: Coordinates) -> str:
 
 def serialize(entry: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON of one entry; NaN and infinities are refused."""
-    try:
-        return json.dumps(
-            entry, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode()
-    except ValueError as exc:
+    data, flagged = compact_flagged(entry)
+    if flagged and any(
+        True for key, value in entry.items() for _ in non_finite(value, key)
+    ):
         raise ValidationError(
             "not_finite", "a value is NaN or infinite, which JSON cannot carry"
-        ) from exc
+        )
+    return data
 
 
 def to_json(value: Any, field: str) -> Any:
