@@ -132,7 +132,7 @@ class _Caller:
 
 
 class Committer:
-    """Owns the transactional producer; used only from the consumer's thread.
+    """Owns the transactional producer; used by one thread at a time.
 
     No call blocks that thread for longer than a producer call's timeout plus
     CALL_GRACE_S, nor past ``deadline()`` (the shutdown's), whatever librdkafka
@@ -178,10 +178,12 @@ class Committer:
         state_updates: Sequence[tuple[int, StateUpdate]],
         offsets: dict[tuple[str, int], int],
         group_metadata: Any | None,
-    ) -> None:
-        """Write everything in one transaction; raise TransactionError on failure."""
+    ) -> int:
+        """Write everything in one transaction; return how many transactions
+        were committed (0 when there was nothing to write, else 1). Raise
+        TransactionError on failure."""
         if not dead_letters and not state_updates and not offsets:
-            return
+            return 0
         deadline = self._deadline()
         if deadline is not None and self._clock() >= deadline:
             raise TransactionAbortedError(
@@ -221,6 +223,7 @@ class Committer:
                 f"transaction not finished: {exc}; it will be committed again"
             ) from exc
         self.transactions += 1
+        return 1
 
     def _call(
         self, function: Callable[..., Any], *args: Any, timed: bool = True

@@ -1,10 +1,13 @@
 """The consumer loop: poll, dedupe, batch, send, settle, commit, shut down.
 
-One thread owns the consumer and the transactional producer. Batches are sent
-from a small thread pool; their outcomes come back to the owning thread, which
-alone writes dead letters, state updates and offsets, in one transaction per
-settle step (see ``committer``). At most one batch per partition is in flight,
-so records of one partition reach the API in offset order.
+One thread owns the consumer and decides everything. Batches are sent from a
+small thread pool; their outcomes come back to the owning thread, which queues
+their dead letters, state updates and offsets and sends each partition's next
+batch. The queue is committed in one Kafka transaction at a time on a thread of
+its own (see ``committer``), so the loop keeps reading while the broker
+commits, and what settles meanwhile goes into the next transaction. At most one
+batch per partition is in flight, so records of one partition reach the API in
+offset order.
 
 The loop reads one of three sources:
 
@@ -100,6 +103,16 @@ class Counters:
 
 
 @dataclass(frozen=True, slots=True)
+class _Content:
+    """What one transaction writes: dead letters by input partition (offset
+    order), state updates by state partition, and the input offsets."""
+
+    letters: dict[TP, list[DeadLetter]]
+    updates: list[tuple[int, StateUpdate]]
+    offsets: dict[TP, int]
+
+
+@dataclass(frozen=True, slots=True)
 class Ranges:
     """Offset ranges to read instead of the group: ``[start, end)`` per partition.
 
@@ -186,6 +199,10 @@ class Worker:
         self._unsettled_offsets: dict[TP, int] = {}
         self._aborted_in_a_row = 0
         self._retry_commit_at = 0.0
+        # The transaction being committed on its own thread, and its content.
+        self._txn: Future[int] | None = None
+        self._txn_content: _Content | None = None
+        self._txn_pool = ThreadPoolExecutor(1, thread_name_prefix="cio-commit")
         self._next_expiry = 0.0
         self._next_report = 0.0
         self._consumer: Consumer | None = None
@@ -335,15 +352,18 @@ class Worker:
                 log.warning("batches_abandoned", count=len(self._in_flight))
             self._abandon.set()
             self._settle_done(wait_s=0)
-            while (self._unsettled_offsets or self._unsettled_letters) and (
-                self._clock() < deadline
-            ):
+            while (
+                self._unsettled_offsets or self._unsettled_letters or self._txn
+            ) and self._clock() < deadline:
                 if not self._commit():
                     time.sleep(min(1.0, max(deadline - self._clock(), 0.0)))
             if self.until_caught_up and self._ranges is None:
                 self._commit_drained_positions()
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            # A commit still running ends by the deadline (the committer cuts
+            # its calls there), before its producer is closed.
+            self._txn_pool.shutdown(wait=True)
             if self._consumer is not None:
                 self._consumer.close()
             if self._committer is not None:
@@ -358,11 +378,8 @@ class Worker:
         now = self._clock()
         for message in messages:
             self._handle(message, now)
-        if (self._unsettled_offsets or self._unsettled_letters) and (
-            self._clock() >= self._retry_commit_at
-        ):
-            self._commit()  # an aborted transaction, committed again
         self._settle_done(wait_s=0)
+        self._commit_in_background()
         self._launch_ready(self._clock())
         self._apply_backpressure()
         self._release_held(self._clock())
@@ -520,11 +537,15 @@ class Worker:
             self._settle(settled)
 
     def _settle(self, settled: list[tuple[Batch, Outcome]]) -> None:
-        """Dead letters, state updates and offsets of settled batches, atomically.
+        """Queue the dead letters, state updates and offsets of settled batches
+        for the next transaction, and send each partition's next batch.
 
-        The batches count as done once their outcome is known: if the
-        transaction is aborted (a rebalance, a broker restart), its content
-        stays queued and is committed again on the next turn of the loop.
+        The batches count as done once their outcome is known: the next batch
+        of the partition goes out at once, while the transaction that commits
+        this one runs on its own thread. If that transaction is aborted (a
+        rebalance, a broker restart), its content is queued again and goes into
+        a later one; a crash before the commit re-sends the batches from the
+        last committed offsets, as it always could.
         """
         for batch, outcome in settled:
             tp = (batch.topic, batch.partition)
@@ -532,41 +553,91 @@ class Worker:
             self._unsettled_letters.setdefault(tp, []).extend(letters)
             self._collect_state(batch, outcome)
             self._unsettled_offsets[tp] = batch.last_offset + 1
-        self._commit()
         for batch, outcome in settled:
             buffer = self._buffers.get((batch.topic, batch.partition))
             if buffer is not None:
                 buffer.complete(batch)
             self._count_and_log(batch, outcome)
         self._launch_ready(self._clock())
+        self._commit_in_background()
+
+    def _has_uncommitted(self) -> bool:
+        return bool(
+            self._unsettled_offsets or self._unsettled_letters or self._pending_state
+        )
+
+    def _commit_in_background(self) -> None:
+        """Collect the finished transaction, if any; then, unless one is still
+        running or an aborted one is waiting out its pause, start the next with
+        everything queued meanwhile (so commits coalesce under load)."""
+        if self._txn is not None:
+            if not self._txn.done():
+                return
+            self._finish_transaction()
+        if (
+            self._unsettled_offsets or self._unsettled_letters
+        ) and self._clock() >= self._retry_commit_at:
+            self._start_transaction()
 
     def _commit(self, offsets: dict[TP, int] | None = None) -> bool:
-        """Commit everything queued in one transaction; False if it was aborted
-        and stays queued. Content of partitions no longer owned is dropped: the
-        new owner reads those records again."""
-        assert self._committer is not None
-        assert self._consumer is not None
-        grouped = self._ranges is None
+        """Commit everything queued, waiting for it (rebalances, shutdown);
+        False if the transaction was aborted and its content stays queued.
+        Content of partitions no longer owned is dropped: the new owner reads
+        those records again."""
+        if self._txn is not None:
+            wait([self._txn])
+            self._finish_transaction()
         for tp, offset in (offsets or {}).items():
             self._unsettled_offsets[tp] = max(
                 offset, self._unsettled_offsets.get(tp, 0)
             )
+        if not self._has_uncommitted():
+            return True
+        self._start_transaction()
+        assert self._txn is not None
+        wait([self._txn])
+        return self._finish_transaction()
+
+    def _start_transaction(self) -> None:
+        """Take everything queued out of the queues and commit it on the commit
+        thread; ``_finish_transaction`` puts it back if the commit fails."""
+        assert self._committer is not None
+        assert self._consumer is not None
+        grouped = self._ranges is None
         for tp in [tp for tp in self._unsettled_offsets if tp not in self._buffers]:
             self._unsettled_offsets.pop(tp)
-            self._unsettled_letters.pop(tp, None)
-        letters = [
-            d
-            for tp in sorted(self._unsettled_letters)
-            for d in self._unsettled_letters[tp]
-        ]
-        updates = [u for u in self._pending_state if u[0] in self._states]
+        for tp in [tp for tp in self._unsettled_letters if tp not in self._buffers]:
+            self._unsettled_letters.pop(tp)
+        content = _Content(
+            self._unsettled_letters,
+            [u for u in self._pending_state if u[0] in self._states],
+            self._unsettled_offsets,
+        )
+        self._unsettled_letters, self._unsettled_offsets = {}, {}
+        self._pending_state = []
+        letters = [d for tp in sorted(content.letters) for d in content.letters[tp]]
         metadata = self._consumer.consumer_group_metadata() if grouped else None
-        before = self._committer.transactions
+        self._txn_content = content
+        self._txn = self._txn_pool.submit(
+            self._committer.commit,
+            letters,
+            content.updates,
+            content.offsets if grouped else {},
+            metadata,
+        )
+
+    def _finish_transaction(self) -> bool:
+        """Account for the finished transaction; False if it was aborted, its
+        content then queued again ahead of what came meanwhile. Raises
+        TransactionError when the producer cannot go on."""
+        assert self._txn is not None
+        assert self._txn_content is not None
+        future, content = self._txn, self._txn_content
+        self._txn, self._txn_content = None, None
         try:
-            self._committer.commit(
-                letters, updates, self._unsettled_offsets if grouped else {}, metadata
-            )
+            transactions = future.result()
         except TransactionAbortedError as exc:
+            self._requeue(content)
             self._aborted_in_a_row += 1
             if self._aborted_in_a_row > MAX_ABORTS_IN_A_ROW:
                 raise TransactionError(
@@ -580,15 +651,25 @@ class Worker:
                 wait_s=wait_s,
                 error=str(exc),
             )
-            self._pending_state = updates
             return False
         self._aborted_in_a_row = 0
         self._retry_commit_at = 0.0
-        self.metrics.record_transaction(self._committer.transactions - before)
-        self._unsettled_letters.clear()
-        self._unsettled_offsets.clear()
-        self._pending_state = []
+        self.metrics.record_transaction(transactions)
         return True
+
+    def _requeue(self, content: _Content) -> None:
+        """Put an aborted transaction's content back, before anything queued
+        since (older dead letters and state updates first; offsets only move
+        forward)."""
+        for tp, offset in content.offsets.items():
+            self._unsettled_offsets[tp] = max(
+                offset, self._unsettled_offsets.get(tp, 0)
+            )
+        for tp, letters in content.letters.items():
+            self._unsettled_letters[tp] = letters + self._unsettled_letters.get(tp, [])
+        self._pending_state = [
+            u for u in content.updates if u[0] in self._states
+        ] + self._pending_state
 
     def _dead_letters(self, batch: Batch, outcome: Outcome) -> list[DeadLetter]:
         letters = []
@@ -773,8 +854,7 @@ class Worker:
             (b.topic, b.partition) in revoked for b in self._in_flight.values()
         ):
             self._settle_done(wait_s=0.05)
-        if self._pending_state:
-            self._commit()
+        self._commit()  # waits for the one running, then commits the rest
         self._forget(revoked)
         self._revoking -= revoked
         log.info("partitions_revoked", partitions=_names(partitions))
