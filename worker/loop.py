@@ -63,7 +63,14 @@ from worker.track import TrackClient
 
 log = structlog.get_logger(__name__)
 
+# How long one poll of the consumer may wait for records: librdkafka returns
+# only once CONSUME_BATCH records are there or the wait is over, so under light
+# load each turn of the loop lasts the whole wait. Idle, the loop waits long;
+# with a batch in flight or a transaction running, briefly, so an outcome is
+# acted on (the partition's next batch sent) within milliseconds; with a batch
+# lingering, until its linger ends.
 POLL_TIMEOUT_S = 0.05
+BUSY_POLL_TIMEOUT_S = 0.005
 # Messages taken from librdkafka per call: large enough to amortise the call,
 # small enough that lingering batches are looked at every few milliseconds.
 CONSUME_BATCH = 1000
@@ -374,7 +381,8 @@ class Worker:
 
     def _run_once(self) -> None:
         assert self._consumer is not None
-        messages = self._consumer.consume(CONSUME_BATCH, timeout=POLL_TIMEOUT_S)
+        timeout_s = self._poll_timeout(self._clock())
+        messages = self._consumer.consume(CONSUME_BATCH, timeout=timeout_s)
         now = self._clock()
         for message in messages:
             self._handle(message, now)
@@ -387,6 +395,17 @@ class Worker:
         self._report(self._clock())
         if self._progress is not None:
             self._progress(self.counters.consumed)
+
+    def _poll_timeout(self, now: float) -> float:
+        """How long the next poll may wait without delaying anything due."""
+        if self._in_flight or self._txn is not None:
+            return BUSY_POLL_TIMEOUT_S
+        timeout_s = POLL_TIMEOUT_S
+        for buffer in self._buffers.values():
+            due = buffer.next_deadline()
+            if due is not None:
+                timeout_s = min(timeout_s, due - now)
+        return max(timeout_s, BUSY_POLL_TIMEOUT_S)
 
     def _handle(self, message: Any, now: float) -> None:
         error = message.error()
