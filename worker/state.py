@@ -25,6 +25,8 @@ from enum import StrEnum
 from hashlib import blake2b
 from typing import Any
 
+import orjson
+
 PERSON_PREFIX = b"p\x00"
 EVENT_PREFIX = b"e\x00"
 DIGEST_BYTES = 8
@@ -81,10 +83,32 @@ _canonical_json = json.JSONEncoder(
 ).encode
 
 
+# Types whose orjson text equals the canonical JSON's, once the whole text is
+# ASCII without DEL (the canonical JSON escapes every other character, and DEL).
+# Floats are not among them: the two spell some of them differently.
+_ORJSON_SAFE = frozenset({str, int, bool, type(None)})
+
+
+def _canonical(value: Any) -> bytes:
+    """The canonical JSON of ``value``: written by orjson when that is certain
+    to give the same bytes (a flat map of text, integers, booleans and nulls,
+    the usual attributes), else by the standard library."""
+    if type(value) in _ORJSON_SAFE or (
+        type(value) is dict and all(type(v) in _ORJSON_SAFE for v in value.values())
+    ):
+        try:
+            data = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # keys that are not text, integers beyond 64 bits
+            pass
+        else:
+            if data.isascii() and data.find(b"\x7f") < 0:
+                return data
+    return _canonical_json(value).encode()
+
+
 def digest(value: Any) -> bytes:
     """An 8-byte digest of a JSON value, independent of key order."""
-    canonical = _canonical_json(value)
-    return blake2b(canonical.encode(), digest_size=DIGEST_BYTES).digest()
+    return blake2b(_canonical(value), digest_size=DIGEST_BYTES).digest()
 
 
 def _slot(key: bytes) -> int:
