@@ -83,6 +83,14 @@ HOLD_FIRST_S = 1.0
 # in a row (about five minutes of a broker refusing) stop the worker instead.
 MAX_ABORTS_IN_A_ROW = 30
 HOLD_MAX_S = 30.0
+# A worker whose partitions were lost (or that has just subscribed) waits for
+# the group to assign it partitions again, possibly none: the group calls
+# ``_on_assign`` at the end of every rebalance. While it waits it says so this
+# often, and it stops (owning nothing, so losing nothing) once the wait is
+# longer than two rebalances can take (max.poll.interval.ms each), a session
+# timeout and this margin; its restart joins the group afresh.
+REJOIN_LOG_INTERVAL_S = 60.0
+REJOIN_MARGIN_S = 60.0
 
 TP = tuple[str, int]
 
@@ -212,6 +220,9 @@ class Worker:
         self._txn_pool = ThreadPoolExecutor(1, thread_name_prefix="cio-commit")
         self._next_expiry = 0.0
         self._next_report = 0.0
+        # Since when the group owes this worker an assignment; None once given.
+        self._unassigned_since: float | None = None
+        self._next_rejoin_log = 0.0
         self._consumer: Consumer | None = None
         self._committer: Committer | None = None
 
@@ -289,6 +300,7 @@ class Worker:
                 on_revoke=self._on_revoke,
                 on_lost=self._on_lost,
             )
+            self._await_assignment()
             return
         starts = [
             TopicPartition(t, p, o) for (t, p), (o, _) in self._ranges.offsets.items()
@@ -393,6 +405,7 @@ class Worker:
         self._release_held(self._clock())
         self._expire_events()
         self._report(self._clock())
+        self._check_rejoin(self._clock())
         if self._progress is not None:
             self._progress(self.counters.consumed)
 
@@ -814,6 +827,7 @@ class Worker:
         )
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._unassigned_since = None
         # A partition lost while paused (say, during a broker outage) can come
         # back still paused in librdkafka; this worker starts it afresh.
         consumer.resume(partitions)
@@ -885,7 +899,45 @@ class Worker:
             if (batch.topic, batch.partition) in lost:
                 del self._in_flight[future]
         self._forget(lost)
+        self._await_assignment()
         log.warning("partitions_lost", partitions=_names(partitions))
+
+    def _await_assignment(self) -> None:
+        """Start waiting for the group's next assignment (see _check_rejoin)."""
+        if self._unassigned_since is None:
+            self._unassigned_since = self._clock()
+            self._next_rejoin_log = self._unassigned_since + REJOIN_LOG_INTERVAL_S
+
+    def _rejoin_limit_s(self) -> float:
+        kafka = self.settings.kafka
+        rebalance_s = kafka.max_poll_interval_ms / 1000
+        return 2 * rebalance_s + kafka.session_timeout_ms / 1000 + REJOIN_MARGIN_S
+
+    def _check_rejoin(self, now: float) -> None:
+        """Warn every REJOIN_LOG_INTERVAL_S while the group has not assigned this
+        worker partitions since it lost its own (or subscribed); past the limit,
+        stop. A group that never answers would otherwise leave the worker idle
+        for good, alive for the liveness probe and with no log line."""
+        since = self._unassigned_since
+        if since is None or now < self._next_rejoin_log:
+            return
+        assert self._consumer is not None
+        waited_s = now - since
+        limit_s = self._rejoin_limit_s()
+        if waited_s >= limit_s:
+            raise WorkerError(
+                f"the consumer group has assigned this worker no partitions for "
+                f"{waited_s:.0f} s since it lost its own or joined (limit "
+                f"{limit_s:.0f} s: two rebalances at max_poll_interval_ms plus "
+                "session_timeout_ms); stopping, so that a restart joins afresh"
+            )
+        self._next_rejoin_log = min(now + REJOIN_LOG_INTERVAL_S, since + limit_s)
+        log.warning(
+            "group_rejoin_slow",
+            seconds=round(waited_s),
+            client_assignment=len(self._consumer.assignment()),
+            stops_in_s=round(limit_s - waited_s),
+        )
 
     def _revert_unsettled(self, buffer: PartitionBuffer) -> None:
         for item in reversed(buffer.unsettled_items()):
