@@ -82,6 +82,9 @@ HOLD_FIRST_S = 1.0
 # An aborted transaction is committed again on the next turns; this many aborts
 # in a row (about five minutes of a broker refusing) stop the worker instead.
 MAX_ABORTS_IN_A_ROW = 30
+# A transaction takes about 0.1 s on a healthy broker; one running longer than
+# this holds back new batches until it ends (see _commit_stalled).
+COMMIT_SLOW_S = 2.0
 HOLD_MAX_S = 30.0
 # A worker whose partitions were lost (or that has just subscribed) waits for
 # the group to assign it partitions again, possibly none: the group calls
@@ -217,6 +220,7 @@ class Worker:
         # The transaction being committed on its own thread, and its content.
         self._txn: Future[int] | None = None
         self._txn_content: _Content | None = None
+        self._txn_started_at = 0.0
         self._txn_pool = ThreadPoolExecutor(1, thread_name_prefix="cio-commit")
         self._next_expiry = 0.0
         self._next_report = 0.0
@@ -527,6 +531,8 @@ class Worker:
     def _launch_ready(self, now: float) -> None:
         if self._stop_requested.is_set():
             return  # shutting down: settle what is in flight, start nothing new
+        if self._commit_stalled(now):
+            return
         for tp, buffer in self._buffers.items():
             if tp in self._revoking:
                 continue
@@ -534,6 +540,19 @@ class Worker:
             batch = buffer.take_next()
             if batch is not None:
                 self._launch(batch)
+
+    def _commit_stalled(self, now: float) -> bool:
+        """True while the transaction running has taken longer than a healthy
+        one ever does, or the last one failed and its content waits to be
+        committed again (the broker is away, say). Nothing new is sent then:
+        an outage of Kafka must not pile up delivered but uncommitted batches,
+        each entry of which is sent again if the partitions are lost meanwhile.
+        """
+        if self._txn is not None and now - self._txn_started_at > COMMIT_SLOW_S:
+            return True
+        return bool(self._aborted_in_a_row) and bool(
+            self._unsettled_offsets or self._unsettled_letters or self._txn
+        )
 
     def _launch(self, batch: Batch) -> None:
         entries = batch.entries()
@@ -650,6 +669,7 @@ class Worker:
         letters = [d for tp in sorted(content.letters) for d in content.letters[tp]]
         metadata = self._consumer.consumer_group_metadata() if grouped else None
         self._txn_content = content
+        self._txn_started_at = self._clock()
         self._txn = self._txn_pool.submit(
             self._committer.commit,
             letters,

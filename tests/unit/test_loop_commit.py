@@ -14,7 +14,7 @@ import pytest
 
 from worker.batcher import BatchLimits, PartitionBuffer
 from worker.committer import DeadLetter, TransactionAbortedError
-from worker.loop import Worker
+from worker.loop import COMMIT_SLOW_S, Worker
 from worker.settings import Settings
 from worker.state import PartitionState, StateUpdate
 
@@ -191,3 +191,32 @@ def test_content_of_partitions_no_longer_owned_is_not_committed(
 
     assert committer.calls[0]["offsets"] == {TP: 10}
     assert [d.key for d in committer.calls[0]["letters"]] == [b"a"]
+
+
+def test_new_batches_wait_while_a_transaction_stalls_or_its_retry_is_due(
+    worker: Worker,
+) -> None:
+    """A transaction running past COMMIT_SLOW_S, or an aborted one whose content
+    waits, holds back new batches: an outage of Kafka must not pile up
+    delivered but uncommitted batches."""
+    committer = _committer(worker)
+    committer.hold = True
+    committer.errors.append(TransactionAbortedError("broker went away"))
+    _queue(worker, TP, 10, "a")
+    worker._commit_in_background()
+    assert committer.started.wait(5)
+    started = worker._txn_started_at
+
+    assert not worker._commit_stalled(started + COMMIT_SLOW_S / 2)
+    assert worker._commit_stalled(started + COMMIT_SLOW_S + 0.1)
+
+    committer.release.set()
+    _wait_done(worker)
+    worker._commit_in_background()  # aborted: content queued again
+    assert worker._commit_stalled(worker._clock())
+
+    worker._retry_commit_at = 0.0
+    worker._commit_in_background()
+    _wait_done(worker)
+    worker._commit_in_background()  # committed this time
+    assert not worker._commit_stalled(worker._clock())
