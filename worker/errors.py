@@ -3,12 +3,12 @@
 ::
 
     WorkerError                  root; never raised itself
-    ├── TransientError           retry later: network, 5xx, throttling, broker outage
-    │   └── CredentialsError     401/403: pause delivery until the credentials work
-    ├── InvalidRecordError       never retry: dead-letter the record with its reason
-    │   ├── DecodeError          stage "decode": bytes that are not a valid record
-    │   └── ValidationError      stage "validate": a record Customer.io would refuse
-    └── ConfigError              stop at start-up with a message that says what to fix
+    +-- TransientError           retry later: network, 5xx, throttling, broker outage
+    |   `-- CredentialsError     401/403: pause delivery until the credentials work
+    +-- InvalidRecordError       never retry: dead-letter the record with its reason
+    |   +-- DecodeError          stage "decode": bytes that are not a valid record
+    |   `-- ValidationError      stage "validate": a record Customer.io would refuse
+    `-- ConfigError              stop at start-up with a message that says what to fix
 """
 
 from __future__ import annotations

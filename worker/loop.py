@@ -375,9 +375,7 @@ class Worker:
                 log.warning("batches_abandoned", count=len(self._in_flight))
             self._abandon.set()
             self._settle_done(wait_s=0)
-            while (
-                self._unsettled_offsets or self._unsettled_letters or self._txn
-            ) and self._clock() < deadline:
+            while self._settles_uncommitted() and self._clock() < deadline:
                 if not self._commit():
                     time.sleep(min(1.0, max(deadline - self._clock(), 0.0)))
             if self.until_caught_up and self._ranges is None:
@@ -550,9 +548,11 @@ class Worker:
         """
         if self._txn is not None and now - self._txn_started_at > COMMIT_SLOW_S:
             return True
-        return bool(self._aborted_in_a_row) and bool(
-            self._unsettled_offsets or self._unsettled_letters or self._txn
-        )
+        return bool(self._aborted_in_a_row) and self._settles_uncommitted()
+
+    def _settles_uncommitted(self) -> bool:
+        """Settled offsets or dead letters wait, or a transaction is running."""
+        return bool(self._unsettled_offsets or self._unsettled_letters or self._txn)
 
     def _launch(self, batch: Batch) -> None:
         entries = batch.entries()

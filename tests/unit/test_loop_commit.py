@@ -102,14 +102,27 @@ def _wait_done(loop: Worker) -> None:
     assert done
 
 
+def _start_held(loop: Worker, tp: tuple[str, int], offset: int, *names: str) -> None:
+    """Queue content and start its transaction, held until ``release``."""
+    committer = _committer(loop)
+    committer.hold = True
+    _queue(loop, tp, offset, *names)
+    loop._commit_in_background()
+    assert committer.started.wait(5)
+
+
+def _collect(loop: Worker) -> None:
+    """Wait for the running transaction, then take its outcome (and start
+    the next, if content waits)."""
+    _wait_done(loop)
+    loop._commit_in_background()
+
+
 def test_what_settles_while_a_transaction_runs_goes_into_the_next(
     worker: Worker,
 ) -> None:
     committer = _committer(worker)
-    committer.hold = True
-    _queue(worker, TP, 10, "a")
-    worker._commit_in_background()
-    assert committer.started.wait(5)
+    _start_held(worker, TP, 10, "a")
 
     _queue(worker, TP, 20, "b")
     _queue(worker, OTHER, 5, "c")
@@ -117,10 +130,8 @@ def test_what_settles_while_a_transaction_runs_goes_into_the_next(
     assert len(committer.calls) == 1
 
     committer.release.set()
-    _wait_done(worker)
-    worker._commit_in_background()  # collects the first, starts the second
-    _wait_done(worker)
-    worker._commit_in_background()
+    _collect(worker)  # collects the first, starts the second
+    _collect(worker)
 
     assert [c["offsets"] for c in committer.calls] == [
         {TP: 10},
@@ -135,16 +146,12 @@ def test_an_aborted_transaction_is_queued_again_ahead_of_newer_content(
     worker: Worker,
 ) -> None:
     committer = _committer(worker)
-    committer.hold = True
     committer.errors.append(TransactionAbortedError("broker went away"))
-    _queue(worker, TP, 10, "a1", "a2")
-    worker._commit_in_background()
-    assert committer.started.wait(5)
+    _start_held(worker, TP, 10, "a1", "a2")
     _queue(worker, TP, 20, "b")  # settled while the doomed one ran
 
     committer.release.set()
-    _wait_done(worker)
-    worker._commit_in_background()  # the abort: queued again, commit paused
+    _collect(worker)  # the abort: queued again, commit paused
 
     assert worker._unsettled_offsets == {TP: 20}
     assert [d.key for d in worker._unsettled_letters[TP]] == [b"a1", b"a2", b"b"]
@@ -154,8 +161,7 @@ def test_an_aborted_transaction_is_queued_again_ahead_of_newer_content(
 
     worker._retry_commit_at = 0.0
     worker._commit_in_background()
-    _wait_done(worker)
-    worker._commit_in_background()
+    _collect(worker)
     assert committer.calls[1]["offsets"] == {TP: 20}
     assert [d.key for d in committer.calls[1]["letters"]] == [b"a1", b"a2", b"b"]
     assert worker._aborted_in_a_row == 0
@@ -165,10 +171,7 @@ def test_a_waiting_commit_finishes_the_running_one_then_commits_the_rest(
     worker: Worker,
 ) -> None:
     committer = _committer(worker)
-    committer.hold = True
-    _queue(worker, TP, 10, "a")
-    worker._commit_in_background()
-    assert committer.started.wait(5)
+    _start_held(worker, TP, 10, "a")
     _queue(worker, OTHER, 7, "b")
     committer.release.set()
 
@@ -200,23 +203,18 @@ def test_new_batches_wait_while_a_transaction_stalls_or_its_retry_is_due(
     waits, holds back new batches: an outage of Kafka must not pile up
     delivered but uncommitted batches."""
     committer = _committer(worker)
-    committer.hold = True
     committer.errors.append(TransactionAbortedError("broker went away"))
-    _queue(worker, TP, 10, "a")
-    worker._commit_in_background()
-    assert committer.started.wait(5)
+    _start_held(worker, TP, 10, "a")
     started = worker._txn_started_at
 
     assert not worker._commit_stalled(started + COMMIT_SLOW_S / 2)
     assert worker._commit_stalled(started + COMMIT_SLOW_S + 0.1)
 
     committer.release.set()
-    _wait_done(worker)
-    worker._commit_in_background()  # aborted: content queued again
+    _collect(worker)  # aborted: content queued again
     assert worker._commit_stalled(worker._clock())
 
     worker._retry_commit_at = 0.0
     worker._commit_in_background()
-    _wait_done(worker)
-    worker._commit_in_background()  # committed this time
+    _collect(worker)  # committed this time
     assert not worker._commit_stalled(worker._clock())
