@@ -641,6 +641,11 @@ CONSUMER_PREFETCH: dict[str, Any] = {
     "queued.min.messages": 2000,
     "max.partition.fetch.bytes": 262144,
     "fetch.max.bytes": 4194304,
+    # A partition whose prefetch is full waits this long before it is fetched
+    # again. librdkafka's default of 1 s, with the bounds above, held a plain
+    # consumer of a backlog to under 6,000 records/s (300,000 records: 52 s,
+    # against 1.5 s with 10 ms), far below what the worker delivers.
+    "fetch.queue.backoff.ms": 10,
     # Ask for the group coordinator every 10 s (every 1 s while it is down)
     # instead of every 10 minutes, so a consumer whose coordinator moved or
     # restarted finds it again promptly and rejoins the group.

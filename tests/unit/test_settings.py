@@ -464,3 +464,20 @@ def test_load_settings_unusable_base_url_raises_config_error(
 
     with pytest.raises(ConfigError, match=message):
         load_settings()
+
+
+def test_kafka_client_config_prefetch_bounded_without_long_backoff(
+    no_default_file: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The consumer's bounded prefetch refills within milliseconds (librdkafka
+    would wait 1 s once a partition's prefetch is full), and a passed-through
+    property still wins."""
+    config = kafka_client_config(load_settings(), "consumer")
+    assert config["queued.max.messages.kbytes"] == 16384
+    assert config["fetch.queue.backoff.ms"] == 10
+
+    monkeypatch.setenv(
+        "CIO_KAFKA__PROPERTIES", json.dumps({"fetch.queue.backoff.ms": "100"})
+    )
+    config = kafka_client_config(load_settings(), "consumer")
+    assert config["fetch.queue.backoff.ms"] == "100"
