@@ -112,7 +112,8 @@ def _extra_lines(summary: dict[str, Any]) -> list[str]:
             f"Latency at {run['offered_records_per_s']:,.0f} records/s offered, "
             f"linger_ms {run['linger_ms']}: p50 {_fmt(run['p50_ms'])} ms, p90 "
             f"{_fmt(run['p90_ms'])} ms, p99 {_fmt(run['p99_ms'])} ms, max "
-            f"{_fmt(run['max_ms'])} ms over {run['events_measured']:,} events."
+            f"{_fmt(run['max_ms'])} ms over {run['events_measured']:,} events"
+            + _warmup_text(run)
         )
     cpu = summary["phases"].get("B", {}).get("cpu_s_during_phase")
     if cpu:
@@ -234,3 +235,14 @@ def throughput(trace: list[Any]) -> tuple[list[float], list[float]]:
             times.append(t)
             rates.append((n - n0) / (t - t0) if n > n0 else float("nan"))
     return times, rates
+
+
+def _warmup_text(run: dict[str, Any]) -> str:
+    """What the warm-up left out of a latency run, or just the full stop."""
+    if not run.get("warmup_s") or not run.get("events_in_warmup"):
+        return "."
+    return (
+        f", after a {_fmt(run['warmup_s'])} s warm-up ({run['events_in_warmup']:,} "
+        f"events; with them p99 {_fmt(run.get('p99_ms_with_warmup'))} ms, max "
+        f"{_fmt(run.get('max_ms_with_warmup'))} ms)."
+    )
