@@ -85,16 +85,26 @@ _canonical_json = json.JSONEncoder(
 
 # Types whose orjson text equals the canonical JSON's, once the whole text is
 # ASCII without DEL (the canonical JSON escapes every other character, and DEL).
-# Floats are not among them: the two spell some of them differently.
 _ORJSON_SAFE = frozenset({str, int, bool, type(None)})
+# Floats the two write alike: zero, and magnitudes from 1e-4 up to 1e16, which
+# both write as plain decimals, the shortest that reads back exactly (1e16 is
+# "1e+16" to one and "1e16" to the other). NaN and infinities fail the test.
+_FLOAT_LOW, _FLOAT_HIGH = 1e-4, 1e16
+
+
+def _orjson_safe(value: Any) -> bool:
+    kind = type(value)
+    if kind in _ORJSON_SAFE:
+        return True
+    return kind is float and (value == 0 or _FLOAT_LOW <= abs(value) < _FLOAT_HIGH)
 
 
 def _canonical(value: Any) -> bytes:
     """The canonical JSON of ``value``: written by orjson when that is certain
-    to give the same bytes (a flat map of text, integers, booleans and nulls,
-    the usual attributes), else by the standard library."""
-    if type(value) in _ORJSON_SAFE or (
-        type(value) is dict and all(type(v) in _ORJSON_SAFE for v in value.values())
+    to give the same bytes (a flat map of text, integers, booleans, nulls and
+    most floats, the usual attributes), else by the standard library."""
+    if _orjson_safe(value) or (
+        type(value) is dict and all(_orjson_safe(v) for v in value.values())
     ):
         try:
             data = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
+import struct
 from collections import deque
 from typing import Any
 
@@ -146,3 +148,27 @@ def test_digest_of_flat_attributes_equals_the_stored_format() -> None:
             next(iter(value.values()), "")
         )
     assert digest({1: "a", 2: "b"}) == _digest_as_written({1: "a", 2: "b"})
+
+
+def test_digest_of_attributes_with_floats_equals_the_stored_format() -> None:
+    """Floats take the faster writer only where it spells them as the stored
+    format does: random magnitudes from 1e-330 to 1e308 (both writers' plain
+    and exponent forms), random bit patterns, and the edges of the range."""
+    rng = random.Random(33)
+    edges = [0.0, -0.0, 1e-4, math.nextafter(1e-4, 0), 1e16, math.nextafter(1e16, 0),
+             -1e16, 9999999999999998.0, 5e-324, 1.7976931348623157e308,
+             math.inf, -math.inf, math.nan, 0.1, 100.0]  # fmt: skip
+    for _ in range(20_000):
+        magnitude = rng.choice([-1, 1]) * 10 ** rng.uniform(-330, 308)
+        bits = struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0]
+        value = {
+            "f": magnitude,
+            "r": round(magnitude, rng.randint(0, 8)),
+            "b": bits,
+            "e": rng.choice(edges),
+            "s": "text",
+            "n": 7,
+        }
+        assert digest(value) == _digest_as_written(value)
+        for scalar in value.values():
+            assert digest(scalar) == _digest_as_written(scalar)
