@@ -43,6 +43,11 @@ CALL_GRACE_S = 5.0
 # the transaction coordinator stay queued after a broker restart) is given up
 # the same way: the new producer's init_transactions aborts the open transaction.
 ABORT_FAILURES_BEFORE_RESTART = 2
+# A producer given up in the middle of a call keeps its thread until librdkafka
+# returns from that call, which may be never. Once this many given-up producers
+# are still stuck when another is given up, the worker stops instead, so that
+# its restart starts clean rather than piling up threads and connections.
+MAX_STUCK_PRODUCERS = 3
 # How often a wait for a producer call looks at the shutdown deadline.
 WAIT_SLICE_S = 0.1
 # Errors meaning another producer took over this transactional id, or the group
@@ -156,6 +161,7 @@ class Committer:
         self._needs_init = False
         self._needs_abort = False
         self._abort_failures = 0
+        self._retired: list[_Caller] = []
         self._dead_letter_topic = dead_letter_topic
         self._state_topic = state_topic
         self.transactions = 0
@@ -339,12 +345,23 @@ class Committer:
         """Drop the producer, whatever state it is in; the next transaction
         starts with a new one, whose init_transactions aborts this one's open
         transaction on the broker and fences it."""
-        log.warning("transactional_producer_restarted", error=reason)
+        stuck = [caller for caller in self._retired if caller.thread.is_alive()]
+        log.warning(
+            "transactional_producer_restarted", error=reason, stuck_before=len(stuck)
+        )
         self._caller.retire()
+        self._retired = [*stuck, self._caller]
         self._producer = None
         self._needs_init = False
         self._needs_abort = False
         self._abort_failures = 0
+        if len(stuck) >= MAX_STUCK_PRODUCERS:
+            raise TransactionError(
+                f"{len(stuck)} transactional producers given up earlier are still "
+                "stuck in calls the Kafka client never returned from; stopping so "
+                "that a restart starts clean (it re-sends only the batches of the "
+                "unfinished transactions)"
+            )
 
     @staticmethod
     def _stop_if_fenced(error: KafkaError, exc: KafkaException) -> None:

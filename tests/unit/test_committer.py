@@ -218,6 +218,34 @@ def test_commit_stuck_call_gives_the_producer_up(
     first.release.set()
 
 
+def test_commit_stops_once_given_up_producers_stay_stuck(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each producer given up keeps its thread while its call never returns:
+    past MAX_STUCK_PRODUCERS still stuck, the next give-up stops the worker
+    instead of leaving one more thread behind; one that returned meanwhile no
+    longer counts."""
+    monkeypatch.setattr(committer_module, "TRANSACTION_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(committer_module, "CALL_GRACE_S", 0.1)
+    monkeypatch.setattr(committer_module, "MAX_STUCK_PRODUCERS", 2)
+    hanging = [HangingProducer("offsets") for _ in range(4)]
+    subject = _committer(*hanging)
+
+    for _ in range(2):  # two given up, both still stuck
+        with pytest.raises(TransactionAbortedError, match="did not return"):
+            _commit(subject)
+    hanging[0].release.set()  # the first one's call returns at last
+    time.sleep(0.2)
+    with pytest.raises(TransactionAbortedError, match="did not return"):
+        _commit(subject)  # only one still stuck before this give-up: goes on
+    with pytest.raises(TransactionError, match="still stuck") as stopped:
+        _commit(subject)  # two stuck before this one: stops
+
+    assert not isinstance(stopped.value, TransactionAbortedError)
+    for producer in hanging:
+        producer.release.set()
+
+
 def test_commit_shutdown_deadline_cuts_a_stuck_call() -> None:
     """Once the worker is stopping, a stuck call ends at the deadline, and no
     new transaction starts after it."""
