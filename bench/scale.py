@@ -5,9 +5,15 @@ worker count starts that many ``cio-worker run`` processes in one group against
 a simulator in its own process (optionally enforcing a requests-per-second
 limit), waits until every record is accepted, and prints one JSON line per run:
 workers, records, seconds, records per second, requests per second seen by the
-simulator and 429s answered. With the limit on, the group must stay under it.
+simulator and 429s answered. Rates are given over the whole run (from the
+workers' start, joining the group included) and over the delivery (from the
+first record accepted), with the most requests the simulator saw in any one
+second. With the limit on, the group must stay under it; ``--max-entries``
+makes requests small enough for a low limit to bind::
 
-    .venv/bin/python bench/scale.py --records 60000 --rate-limit-rps 100
+    .venv/bin/python -m bench.scale --records 200000
+    .venv/bin/python -m bench.scale --records 60000 --rate-limit-rps 20 \
+        --max-entries 100
 """
 
 from __future__ import annotations
@@ -44,10 +50,12 @@ def _simulator(rate_limit: float | None) -> subprocess.Popen[bytes]:
 
 
 def _state() -> dict[str, Any]:
-    url = f"http://127.0.0.1:{SIM_PORT}/__sim/state"
+    """The simulator's counters (not its people and events: copying those
+    under load would slow the simulator down)."""
+    url = f"http://127.0.0.1:{SIM_PORT}/__sim/stats"
     with urllib.request.urlopen(url, timeout=10) as response:
-        state: dict[str, Any] = json.loads(response.read())
-    return state
+        stats: dict[str, Any] = json.loads(response.read())
+    return {"stats": stats}
 
 
 def _run(
@@ -89,12 +97,22 @@ def _run(
     ]
     deadline = started + 600
     state = _state()
+    first_accepted: float | None = None
+    per_second: dict[int, int] = {}  # requests the simulator saw, per second
+    seen = state["stats"]["requests"]
     while state["stats"]["entries_accepted"] < len(sample.records):
         if time.monotonic() > deadline:
             break
         time.sleep(0.25)
         state = _state()
-    seconds = time.monotonic() - started
+        now = time.monotonic()
+        if first_accepted is None and state["stats"]["entries_accepted"]:
+            first_accepted = now
+        second, requests = int(now - started), state["stats"]["requests"]
+        per_second[second] = per_second.get(second, 0) + requests - seen
+        seen = requests
+    ended = time.monotonic()
+    seconds, delivering = ended - started, ended - (first_accepted or started)
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     for proc in procs:
@@ -109,15 +127,19 @@ def _run(
         "accepted": stats["entries_accepted"],
         "seconds": round(seconds, 1),
         "records_per_s": round(stats["entries_accepted"] / seconds),
+        "delivering_s": round(delivering, 1),
+        "records_per_s_delivering": round(stats["entries_accepted"] / delivering),
         "requests": stats["requests"],
         "requests_per_s": round(stats["requests"] / seconds, 1),
+        "requests_per_s_delivering": round(stats["requests"] / delivering, 1),
+        "most_requests_in_one_second": max(per_second.values(), default=0),
         "answered_429": stats["responses"].get("429", 0),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--records", type=int, default=60_000)
+    parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--rate-limit-rps", type=float, default=0.0)
     parser.add_argument("--workers", default="1,2,3")
     parser.add_argument("--max-entries", type=int, default=0)

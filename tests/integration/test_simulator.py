@@ -488,6 +488,8 @@ def test_control_endpoints_state_faults_reset(sim: TrackSimulator) -> None:
         state = control.get(f"{sim.url}/__sim/state", timeout=10).json()
         assert state["people"] == {"id:1": {}}
         assert state["stats"]["requests"] == 2
+        stats = control.get(f"{sim.url}/__sim/stats", timeout=10).json()
+        assert stats == state["stats"]
         assert control.post(f"{sim.url}/__sim/reset", timeout=10).status_code == 200
         state = control.get(f"{sim.url}/__sim/state", timeout=10).json()
         assert state["people"] == {}

@@ -230,8 +230,10 @@ class TrackSimulator:
 
     @property
     def stats(self) -> JSON:
-        """Copy of the counters described in :meth:`snapshot`."""
-        return cast(JSON, self.snapshot()["stats"])
+        """Copy of the counters described in :meth:`snapshot`, without copying
+        the people and events (cheap enough to poll under load)."""
+        with self._lock:
+            return cast(JSON, json.loads(json.dumps(self._stats)))
 
     def snapshot(self) -> JSON:
         """A JSON-able deep copy of people, events, counters and pending faults."""
@@ -459,9 +461,12 @@ class TrackSimulator:
         )
 
     def control_reply(self, method: str, path: str, body: bytes) -> Reply:
-        """Serve ``/__sim/state``, ``/__sim/reset`` and ``/__sim/faults``."""
+        """Serve ``/__sim/state``, ``/__sim/stats``, ``/__sim/reset`` and
+        ``/__sim/faults``."""
         if (method, path) == ("GET", "/__sim/state"):
             return Reply(200, self.snapshot())
+        if (method, path) == ("GET", "/__sim/stats"):
+            return Reply(200, self.stats)
         if (method, path) == ("POST", "/__sim/reset"):
             self.reset()
             return Reply(200, {})
