@@ -79,6 +79,25 @@ class Batch:
         added = len(entry) + 1  # the comma before it
         return self.entry_count < max_entries and self.body_bytes + added < max_bytes
 
+    def can_absorb(self, other: Batch, max_entries: int, max_bytes: int) -> bool:
+        """Whether ``other``'s items, appended, still make one request."""
+        if self.entry_count == 0 or other.entry_count == 0:
+            return True
+        joined = self.body_bytes + other.body_bytes - BODY_OVERHEAD_BYTES + 1
+        return self.entry_count + other.entry_count <= max_entries and (
+            joined < max_bytes
+        )
+
+    def absorb(self, other: Batch) -> None:
+        """Append ``other``'s items (the run of offsets right after this one's)."""
+        if other.entry_count and self.entry_count:
+            self.body_bytes += other.body_bytes - BODY_OVERHEAD_BYTES + 1
+        elif other.entry_count:
+            self.body_bytes = other.body_bytes
+        self.items.extend(other.items)
+        self.entry_count += other.entry_count
+        self.buffered_bytes += other.buffered_bytes
+
     def add(self, item: Item, size: int | None = None) -> None:
         """Append an item; ``size`` is its ``item.size`` when the caller has it."""
         self.items.append(item)
@@ -130,11 +149,23 @@ class PartitionBuffer:
             self._seal()
 
     def take_next(self) -> Batch | None:
-        """Move the oldest sealed batch in flight, unless one already is."""
+        """Move the oldest sealed batch in flight, unless one already is, joined
+        with the sealed batches after it as far as one request holds them.
+
+        Batches sealed by linger while the partition waited (on the rate limit,
+        on retries, on the batch before them) go out together: under a limit
+        the requests grow instead of queueing up, so a short linger costs
+        requests only while there are requests to spare."""
         if self.in_flight is not None or not self._sealed:
             return None
-        self.in_flight = self._sealed.popleft()
-        return self.in_flight
+        batch = self._sealed.popleft()
+        limits = self._limits
+        while self._sealed and batch.can_absorb(
+            self._sealed[0], limits.max_entries, limits.max_request_bytes
+        ):
+            batch.absorb(self._sealed.popleft())
+        self.in_flight = batch
+        return batch
 
     def complete(self, batch: Batch) -> None:
         """Forget the in-flight batch once its outcome is settled."""

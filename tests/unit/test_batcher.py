@@ -286,3 +286,63 @@ def test_is_idle_through_a_batch_lifecycle_tracks_state() -> None:
     states.append(buf.is_idle())
 
     assert states == [True, False, False, False, True]
+
+
+def _seal_by_linger(buf: PartitionBuffer, items: list[Item], at: float) -> None:
+    for item in items:
+        buf.add(item, now=at)
+    buf.seal_if_due(at + 1.0)
+
+
+def test_take_next_joins_batches_sealed_while_waiting() -> None:
+    """Batches sealed by linger while one was in flight go out as one request,
+    rejects and all, in offset order, with the body's exact byte count."""
+    buf = buffer(max_entries=10)
+    _seal_by_linger(buf, [entry_item(0)], at=0.0)
+    first = buf.take_next()
+    assert first is not None
+    _seal_by_linger(buf, [entry_item(1), reject_item(2)], at=1.0)
+    _seal_by_linger(buf, [reject_item(3)], at=2.0)
+    _seal_by_linger(buf, [entry_item(4), entry_item(5)], at=3.0)
+    buf.complete(first)
+
+    joined = buf.take_next()
+
+    assert joined is not None
+    assert [item.offset for item in joined.items] == [1, 2, 3, 4, 5]
+    assert joined.entry_count == 3
+    assert joined.body_bytes == len(joined.body())
+    assert [e["n"] for e in json.loads(joined.body())["batch"]] == [1, 4, 5]
+    assert joined.buffered_bytes == sum(item.size for item in joined.items)
+    buf.complete(joined)
+    assert buf.buffered_bytes == 0
+    assert buf.is_idle()
+
+
+@pytest.mark.parametrize(
+    ("max_entries", "max_request_bytes", "expected"),
+    [
+        (5, BIG, [[0, 1, 2], [3, 4, 5, 6]]),  # 3 + 3 entries > 5; 3 + 1 fit
+        (6, BIG, [[0, 1, 2, 3, 4, 5], [6]]),  # 3 + 3 fit; + 1 does not
+        # Entries of 20 bytes: bodies of 3, 4, 6 and 7 take 74, 95, 137, 158 bytes
+        (1000, 138, [[0, 1, 2, 3, 4, 5], [6]]),
+        (1000, 137, [[0, 1, 2], [3, 4, 5, 6]]),
+    ],
+)
+def test_take_next_joins_only_what_one_request_holds(
+    max_entries: int, max_request_bytes: int, expected: list[list[int]]
+) -> None:
+    """Joining stops where the next batch would break the entry count or byte
+    limit; every joined body stays strictly under the byte limit."""
+    buf = buffer(max_entries=max_entries, max_request_bytes=max_request_bytes)
+    _seal_by_linger(buf, [entry_item(n) for n in (0, 1, 2)], at=0.0)
+    _seal_by_linger(buf, [entry_item(n) for n in (3, 4, 5)], at=1.0)
+    _seal_by_linger(buf, [entry_item(6)], at=2.0)
+
+    taken = []
+    while (batch := buf.take_next()) is not None:
+        assert len(batch.body()) == batch.body_bytes < max_request_bytes
+        taken.append([item.offset for item in batch.items])
+        buf.complete(batch)
+
+    assert taken == expected
