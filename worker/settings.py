@@ -188,7 +188,7 @@ class BatchSettings(_Section):
         description="Bytes waiting across all partitions before every one is paused.",
     )
     max_buffered_bytes_per_partition: int = Field(
-        4_000_000,
+        2_000_000,
         ge=MAX_REQUEST_BYTES,
         description="Bytes waiting in one partition before it is paused.",
     )
