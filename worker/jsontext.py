@@ -47,7 +47,11 @@ def compact_flagged(value: Any) -> tuple[bytes, bool]:
     numbers as null, the fallback as NaN/Infinity tokens: one scan either way.
     """
     try:
-        data = _ORJSON(value)
+        # orjson's bytes keep the capacity of its output buffer, 4 KiB at
+        # least: a buffered entry of 300 bytes held 4 KiB, so a full buffer held
+        # ten times the bytes it counts. An exact copy costs a quarter of a
+        # microsecond.
+        data = bytes(memoryview(_ORJSON(value)))
         return data, data.find(b"null") >= 0
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         data = _ENCODE(value).encode()

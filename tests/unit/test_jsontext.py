@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -114,3 +115,20 @@ def test_serialize_refuses_nan_outside_the_attributes_too() -> None:
     with pytest.raises(ValidationError) as caught:
         serialize(entry)
     assert caught.value.reason == "not_finite"
+
+
+def test_compact_holds_no_more_memory_than_its_bytes() -> None:
+    """Entries stay buffered until delivered, and buffers are capped by the
+    entries' byte counts: what one holds in memory must be about its length
+    (orjson's own output keeps a 4 KiB buffer per call)."""
+    value = {"type": "person", "identifiers": {"email": "a@example.com"}, "n": 1}
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        held = [compact_flagged(value)[0] for _ in range(1_000)]
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    per_entry = (after - before) / len(held)
+    assert per_entry < len(held[0]) + 100, per_entry
