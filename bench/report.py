@@ -106,7 +106,9 @@ def _extra_lines(summary: dict[str, Any]) -> list[str]:
     for key in ("rate_limit", "rate_limit_binding"):
         limit = summary.get(key)
         if limit:
-            lines.append(_limit_line(limit, summary.get("worker_records_per_s")))
+            lines.append(
+                _limit_line(limit, summary.get("worker_records_per_s_delivering"))
+            )
     for run in summary["phases"].get("L", []):
         lines.append(
             f"Latency at {run['offered_records_per_s']:,.0f} records/s offered, "
@@ -143,7 +145,8 @@ def _limit_line(limit: dict[str, Any], unlimited: float | None) -> str:
     if unlimited and unlimited < limit["ceiling_records_per_s"]:
         line += (
             f" This limit does not bind: without it the worker reached "
-            f"{_fmt(unlimited)} records/s."
+            f"{_fmt(unlimited)} records/s (B from its first commit on, as "
+            "measured here)."
         )
     return line
 

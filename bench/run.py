@@ -306,6 +306,7 @@ def _summarise(
     summary["naive_records_per_s"] = c["records_per_s"] if c else None
     if b:
         summary["worker_records_per_s_steady"] = b["records_per_s_steady"]
+        summary["worker_records_per_s_delivering"] = b["records_per_s_delivering"]
         summary["worker_cpu_s_per_million"] = b["cpu_s_per_million"]
         summary["peak_rss_mb"] = b["peak_rss_mb"]
         summary["mean_entries_per_request"] = b["simulator"]["mean_entries_per_request"]
