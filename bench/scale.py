@@ -38,8 +38,8 @@ PORT = 19592
 SIM_PORT = 18593
 
 
-def _simulator(rate_limit: float | None) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "worker.sandbox.simulator", "--port", str(SIM_PORT)]
+def _simulator(rate_limit: float | None, port: int) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "worker.sandbox.simulator", "--port", str(port)]
     if rate_limit:
         args += ["--rate-limit-rps", str(rate_limit)]
     env = {**os.environ, "CIO_SITE_ID": "bench", "CIO_API_KEY": "bench-key"}
@@ -49,17 +49,17 @@ def _simulator(rate_limit: float | None) -> subprocess.Popen[bytes]:
     return process
 
 
-def _state() -> dict[str, Any]:
+def _state(port: int) -> dict[str, Any]:
     """The simulator's counters (not its people and events: copying those
     under load would slow the simulator down)."""
-    url = f"http://127.0.0.1:{SIM_PORT}/__sim/stats"
+    url = f"http://127.0.0.1:{port}/__sim/stats"
     with urllib.request.urlopen(url, timeout=10) as response:
         stats: dict[str, Any] = json.loads(response.read())
     return {"stats": stats}
 
 
 def _run(
-    bootstrap: str, workers: int, records: int, rate: float | None
+    bootstrap: str, workers: int, records: int, rate: float | None, sim_port: int
 ) -> dict[str, Any]:
     run_id = uuid.uuid4().hex[:8]
     topics = {"p": f"s-{run_id}.persons", "e": f"s-{run_id}.events"}
@@ -68,12 +68,12 @@ def _run(
         int(records * 0.3), int(records * 0.7), ROOT / "schemas", bad=False
     )
     produce(bootstrap, sample, topics["p"], topics["e"])
-    simulator = _simulator(rate)
+    simulator = _simulator(rate, sim_port)
     env = {
         **os.environ,
         "CIO_SITE_ID": "bench",
         "CIO_API_KEY": "bench-key",
-        "CIO_TRACK__BASE_URL": f"http://127.0.0.1:{SIM_PORT}",
+        "CIO_TRACK__BASE_URL": f"http://127.0.0.1:{sim_port}",
         "CIO_TRACK__RATE_LIMIT_RPS": str(rate or 100_000),
         "CIO_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "CIO_KAFKA__GROUP_ID": f"s-{run_id}",
@@ -96,7 +96,7 @@ def _run(
         for i in range(workers)
     ]
     deadline = started + 600
-    state = _state()
+    state = _state(sim_port)
     first_accepted: float | None = None
     per_second: dict[int, int] = {}  # requests the simulator saw, per second
     seen = state["stats"]["requests"]
@@ -104,7 +104,7 @@ def _run(
         if time.monotonic() > deadline:
             break
         time.sleep(0.25)
-        state = _state()
+        state = _state(sim_port)
         now = time.monotonic()
         if first_accepted is None and state["stats"]["entries_accepted"]:
             first_accepted = now
@@ -143,10 +143,12 @@ def main() -> None:
     parser.add_argument("--rate-limit-rps", type=float, default=0.0)
     parser.add_argument("--workers", default="1,2,3")
     parser.add_argument("--max-entries", type=int, default=0)
+    parser.add_argument("--broker-port", type=int, default=PORT)
+    parser.add_argument("--simulator-port", type=int, default=SIM_PORT)
     args = parser.parse_args()
     if args.max_entries:
         os.environ["CIO_BATCH__MAX_ENTRIES"] = str(args.max_entries)
-    broker = LocalBroker(default_home(), PORT)
+    broker = LocalBroker(default_home(), args.broker_port)
     broker.start()
     try:
         for workers in (int(w) for w in args.workers.split(",")):
@@ -155,6 +157,7 @@ def main() -> None:
                 workers,
                 args.records,
                 args.rate_limit_rps or None,
+                args.simulator_port,
             )
             print(json.dumps(result), flush=True)
     finally:
