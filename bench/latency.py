@@ -151,12 +151,9 @@ def _attempt(
         if "bench_sent_us" in event.get("attributes", {})
     )
     first_sent = sent_and_latency[0][0] if sent_and_latency else 0.0
-    steady = [
-        (sent, latency)
-        for sent, latency in sent_and_latency
-        if sent >= first_sent + warmup_s
-    ]
-    latencies = sorted(latency for _, latency in steady)
+    latencies = sorted(
+        latency for sent, latency in sent_and_latency if sent >= first_sent + warmup_s
+    )
     with_warmup = sorted(latency for _, latency in sent_and_latency)
     totals = batch_log_totals(log_path)
     return {

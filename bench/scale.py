@@ -49,13 +49,13 @@ def _simulator(rate_limit: float | None, port: int) -> subprocess.Popen[bytes]:
     return process
 
 
-def _state(port: int) -> dict[str, Any]:
+def _stats(port: int) -> dict[str, Any]:
     """The simulator's counters (not its people and events: copying those
     under load would slow the simulator down)."""
     url = f"http://127.0.0.1:{port}/__sim/stats"
     with urllib.request.urlopen(url, timeout=10) as response:
         stats: dict[str, Any] = json.loads(response.read())
-    return {"stats": stats}
+    return stats
 
 
 def _run(
@@ -96,19 +96,19 @@ def _run(
         for i in range(workers)
     ]
     deadline = started + 600
-    state = _state(sim_port)
+    stats = _stats(sim_port)
     first_accepted: float | None = None
     per_second: dict[int, int] = {}  # requests the simulator saw, per second
-    seen = state["stats"]["requests"]
-    while state["stats"]["entries_accepted"] < len(sample.records):
+    seen = stats["requests"]
+    while stats["entries_accepted"] < len(sample.records):
         if time.monotonic() > deadline:
             break
         time.sleep(0.25)
-        state = _state(sim_port)
+        stats = _stats(sim_port)
         now = time.monotonic()
-        if first_accepted is None and state["stats"]["entries_accepted"]:
+        if first_accepted is None and stats["entries_accepted"]:
             first_accepted = now
-        second, requests = int(now - started), state["stats"]["requests"]
+        second, requests = int(now - started), stats["requests"]
         per_second[second] = per_second.get(second, 0) + requests - seen
         seen = requests
     ended = time.monotonic()
@@ -119,7 +119,6 @@ def _run(
         proc.wait(timeout=60)
     simulator.send_signal(signal.SIGTERM)
     simulator.wait(timeout=30)
-    stats = state["stats"]
     return {
         "workers": workers,
         "rate_limit_rps": rate,

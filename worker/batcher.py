@@ -83,20 +83,25 @@ class Batch:
         """Whether ``other``'s items, appended, still make one request."""
         if self.entry_count == 0 or other.entry_count == 0:
             return True
-        joined = self.body_bytes + other.body_bytes - BODY_OVERHEAD_BYTES + 1
         return self.entry_count + other.entry_count <= max_entries and (
-            joined < max_bytes
+            self._joined_body_bytes(other) < max_bytes
         )
 
     def absorb(self, other: Batch) -> None:
         """Append ``other``'s items (the run of offsets right after this one's)."""
-        if other.entry_count and self.entry_count:
-            self.body_bytes += other.body_bytes - BODY_OVERHEAD_BYTES + 1
-        elif other.entry_count:
-            self.body_bytes = other.body_bytes
+        self.body_bytes = self._joined_body_bytes(other)
         self.items.extend(other.items)
         self.entry_count += other.entry_count
         self.buffered_bytes += other.buffered_bytes
+
+    def _joined_body_bytes(self, other: Batch) -> int:
+        """The body bytes of this batch's entries followed by ``other``'s: one
+        wrapper, and a comma between the two runs when both have entries."""
+        if not other.entry_count:
+            return self.body_bytes
+        if not self.entry_count:
+            return other.body_bytes
+        return self.body_bytes + other.body_bytes - BODY_OVERHEAD_BYTES + 1
 
     def add(self, item: Item, size: int | None = None) -> None:
         """Append an item; ``size`` is its ``item.size`` when the caller has it."""
